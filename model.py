@@ -1,0 +1,501 @@
+"""
+MoEGPT: nanoGPT's GPT-2 decoder whose feed-forward blocks can be Mixture-of-Experts layers.
+
+Reading order: config -> attention -> router -> experts -> MoE layer -> block -> model.
+
+Shape suffixes name every dispatch tensor (torchtitan's convention):
+  B batch, S sequence, T tokens (= B*S), D n_embd, E n_experts, K top_k,
+  F expert hidden width (2*expert_hidden for swiglu), N = T*K token->expert assignments.
+
+Dispatch is dropless by default: the N assignments are sorted by expert, every expert runs on its
+contiguous slice (one grouped matmul for all experts, or a loop over the slices), and the results are
+gathered back and weighted by the gates. No Python loop over tokens, no tokens x experts x capacity
+one-hot tensors. Aux losses and routing statistics are *returned*, never stored on the module.
+"""
+import math
+import inspect
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = ('gelu', 'relu', 'silu', 'swish', 'tanh', 'swiglu')
+EXPERT_IMPLS = ('auto', 'grouped', 'loop')
+HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
+# CPU crossover measured with bench.py on a 2-core machine (fp32, fwd+bwd): the slice loop wins
+# at 8 experts (its per-expert matmuls are big), grouped_mm wins from 16 experts on.
+CPU_GROUPED_MIN_EXPERTS = 16
+
+
+@dataclass
+class MoEGPTConfig:
+    # --- nanoGPT's fields, same meanings
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears (experts included) and LayerNorms, like GPT-2
+    # --- Mixture of Experts
+    n_experts: int = 1  # 1 = plain dense GPT (exactly nanoGPT's parameters)
+    top_k: int = 2
+    moe_every: int = 1  # every N-th block (after moe_first_dense) is an MoE block
+    moe_first_dense: int = 0  # the first K blocks stay dense
+    expert_hidden: Optional[int] = None  # hidden width of one expert; None = 4*n_embd
+    activation: str = 'gelu'  # gelu | relu | silu | swish | tanh | swiglu
+    moe_dropout: Optional[float] = None  # dropout on the MoE output; None = use dropout
+    capacity_factor: float = 0.0  # 0 = dropless; >0 = Switch capacity, overflow dropped
+    eval_capacity_factor: Optional[float] = None  # in eval mode; None = same as capacity_factor
+    norm_topk_prob: bool = True  # renormalise the k gates to sum to 1 (Mixtral); False = Switch
+    router_fp32: bool = True  # router matmul + softmax in fp32 even under autocast
+    router_init_std: float = 0.01  # small router init: near-uniform routing at step 0 (seed 002)
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
+    expert_impl: str = 'auto'  # grouped (grouped_mm) | loop (per-expert slices) | auto
+
+    def __post_init__(self):
+        if self.expert_hidden is None:
+            self.expert_hidden = 4 * self.n_embd
+        if self.activation == 'swish':
+            self.activation = 'silu'
+        checks = [
+            ('block_size', self.block_size >= 1, 'must be >= 1'),
+            ('vocab_size', self.vocab_size >= 1, 'must be >= 1'),
+            ('n_layer', self.n_layer >= 1, 'must be >= 1'),
+            ('n_head', self.n_head >= 1, 'must be >= 1'),
+            ('n_embd', self.n_embd >= 1 and self.n_embd % max(self.n_head, 1) == 0,
+             f'must be a positive multiple of n_head={self.n_head}'),
+            ('dropout', 0.0 <= self.dropout < 1.0, 'must be in [0, 1)'),
+            ('n_experts', self.n_experts >= 1, 'must be >= 1'),
+            ('top_k', 1 <= self.top_k <= self.n_experts or self.n_experts == 1,
+             f'must be in [1, n_experts={self.n_experts}]'),
+            ('moe_every', self.moe_every >= 1, 'must be >= 1'),
+            ('moe_first_dense', 0 <= self.moe_first_dense, 'must be >= 0'),
+            ('expert_hidden', self.expert_hidden >= 1, 'must be >= 1'),
+            ('activation', self.activation in ACTIVATIONS, f'must be one of {ACTIVATIONS}'),
+            ('moe_dropout', self.moe_dropout is None or 0.0 <= self.moe_dropout < 1.0,
+             'must be None or in [0, 1)'),
+            ('capacity_factor', self.capacity_factor >= 0, 'must be >= 0 (0 = dropless)'),
+            ('eval_capacity_factor', self.eval_capacity_factor is None or self.eval_capacity_factor >= 0,
+             'must be None or >= 0 (0 = dropless)'),
+            ('router_init_std', self.router_init_std >= 0, 'must be >= 0'),
+            ('aux_loss_coef', self.aux_loss_coef >= 0, 'must be >= 0'),
+            ('z_loss_coef', self.z_loss_coef >= 0, 'must be >= 0'),
+            ('expert_impl', self.expert_impl in EXPERT_IMPLS, f'must be one of {EXPERT_IMPLS}'),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f'MoEGPTConfig.{name}={getattr(self, name)!r} {why}')
+        if self.n_experts == 1:
+            self.top_k = 1  # a single expert is the dense MLP; top_k is moot
+
+    def is_moe_layer(self, i):
+        return (self.n_experts > 1 and i >= self.moe_first_dense
+                and (i - self.moe_first_dense) % self.moe_every == 0)
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in fields(cls)]
+
+
+def activation_fn(name, h):
+    """Apply the named activation; swiglu splits the hidden in two: silu(gate) * up."""
+    if name == 'gelu':
+        return F.gelu(h)
+    if name == 'relu':
+        return F.relu(h)
+    if name == 'silu':
+        return F.silu(h)
+    if name == 'tanh':
+        return torch.tanh(h)
+    gate, up = h.chunk(2, dim=-1)  # swiglu
+    return F.silu(gate) * up
+
+
+def compute_dtype(x):
+    """The dtype matmuls run in: autocast's if it is on, else the input's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+# ----------------------------------------------------------------------------- attention
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x_BSD):
+        B, S, D = x_BSD.size()
+        q, k, v = self.c_attn(x_BSD).split(D, dim=2)
+        # (B, S, D) -> (B, n_head, S, head_dim)
+        q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0,
+                                           is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, S, D)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ----------------------------------------------------------------------------- router + losses
+
+def load_balancing_loss(probs_TE, topk_ids_TK, n_experts):
+    """Switch Transformer aux loss, E * sum_i f_i * P_i.
+
+    f_i: fraction of the T*K assignments that went to expert i (sums to 1, so uniform routing gives
+    exactly 1.0 for every k); P_i: mean router probability of expert i. f is a count (no gradient);
+    the gradient reaches the router through P.
+    """
+    counts_E = torch.zeros(n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
+    counts_E.scatter_add_(0, topk_ids_TK.reshape(-1), torch.ones_like(topk_ids_TK.reshape(-1), dtype=probs_TE.dtype))
+    f_E = counts_E / topk_ids_TK.numel()
+    P_E = probs_TE.mean(dim=0)
+    return n_experts * (f_E * P_E).sum()
+
+
+def router_z_loss(logits_TE):
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Linear scores -> softmax over experts -> top-k -> optional renormalisation."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.top_k = config.top_k
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router_fp32 = config.router_fp32
+
+    def forward(self, x_TD):
+        if self.router_fp32:  # routing decisions are sensitive to rounding: keep them in fp32
+            with torch.autocast(x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        else:
+            logits_TE = self.gate(x_TD)
+        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32 if self.router_fp32 else None)
+        topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            gates_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
+        else:
+            gates_TK = topk_probs_TK
+        return logits_TE, probs_TE, topk_ids_TK, gates_TK
+
+
+# ----------------------------------------------------------------------------- experts
+
+class GroupedExperts(nn.Module):
+    """n_experts MLPs with weights stacked along a leading expert dim, applied to expert-sorted rows."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, D, H = config.n_experts, config.n_embd, config.expert_hidden
+        F_ = 2 * H if config.activation == 'swiglu' else H
+        self.w1_EDF = nn.Parameter(torch.empty(E, D, F_))
+        self.w2_EHD = nn.Parameter(torch.empty(E, H, D))
+        self.b1_EF = nn.Parameter(torch.zeros(E, F_)) if config.bias else None
+        self.b2_ED = nn.Parameter(torch.zeros(E, D)) if config.bias else None
+        self.activation = config.activation
+        self.expert_impl = config.expert_impl
+
+    def use_grouped(self, x):
+        if not HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False  # old torch, or float64 (tests): grouped_mm has no kernel for it
+        if self.expert_impl != 'auto':
+            return self.expert_impl == 'grouped'
+        return x.device.type != 'cpu' or self.w1_EDF.shape[0] >= CPU_GROUPED_MIN_EXPERTS
+
+    def forward(self, x_ND, counts_E, expert_ids_N):
+        """x_ND: rows sorted by expert; counts_E rows per expert (rows beyond sum(counts) are
+        ignored and come back as zeros); expert_ids_N: the expert of each row (for the biases)."""
+        dt = compute_dtype(x_ND)
+        x_ND = x_ND.to(dt)
+        w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
+        if self.use_grouped(x_ND):
+            offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+            h_NF = F.grouped_mm(x_ND, w1_EDF, offs=offs_E)
+            if self.b1_EF is not None:
+                h_NF = h_NF + self.b1_EF.to(dt)[expert_ids_N]
+            h_NH = activation_fn(self.activation, h_NF)
+            y_ND = F.grouped_mm(h_NH, w2_EHD, offs=offs_E)
+        else:
+            y_ND = self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, w2_EHD)
+        if self.b2_ED is not None:
+            y_ND = y_ND + self.b2_ED.to(dt)[expert_ids_N]
+        return y_ND
+
+    def forward_loop(self, x_ND, counts, w1_EDF, w2_EHD):
+        """Reference / fallback: one plain matmul per expert on its contiguous slice."""
+        ys, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = x_ND[start:start + n] @ w1_EDF[e]
+            if self.b1_EF is not None:
+                h = h + self.b1_EF[e].to(h.dtype)
+            ys.append(activation_fn(self.activation, h) @ w2_EHD[e])
+            start += n
+        if start < x_ND.shape[0]:  # rows of dropped assignments (capacity mode): zeros
+            ys.append(x_ND.new_zeros(x_ND.shape[0] - start, w2_EHD.shape[-1]))
+        return torch.cat(ys) if ys else x_ND.new_zeros(0, w2_EHD.shape[-1])
+
+
+# ----------------------------------------------------------------------------- MoE layer
+
+class MoELayer(nn.Module):
+    """Router + grouped experts + sort/unsort dispatch. Returns (output, aux dict)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.router = Router(config)
+        self.experts = GroupedExperts(config)
+        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = (config.capacity_factor if config.eval_capacity_factor is None
+                                     else config.eval_capacity_factor)
+        self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
+
+    def forward(self, x_BSD, return_intermediate=False):
+        B, S, D = x_BSD.shape
+        E, K = self.n_experts, self.top_k
+        x_TD = x_BSD.reshape(-1, D)
+        T = x_TD.shape[0]
+        logits_TE, probs_TE, topk_ids_TK, gates_TK = self.router(x_TD)
+
+        # Assignment n = k*T + t (k-major), so a stable sort by expert keeps, inside each expert,
+        # all first choices before any second choice: the priority order capacity dropping needs.
+        ids_N = topk_ids_TK.t().reshape(-1)                                    # (N,)
+        gates_N = gates_TK.t().reshape(-1)                                     # (N,)
+        counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
+        counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))                # (E,) tokens per expert
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if capacity_factor > 0:
+            ids_N, kept_counts_E = self.apply_capacity(ids_N, counts_E, capacity_factor, T)
+        else:
+            kept_counts_E = counts_E
+        order_N = torch.argsort(ids_N, stable=True)                           # (N,) sorted -> assignment
+        token_of_N = order_N % T                                               # (N,) token of each sorted row
+        y_ND = self.experts(x_TD[token_of_N], kept_counts_E, ids_N[order_N].clamp(max=E - 1))
+        y_ND = y_ND * gates_N[order_N].unsqueeze(1).to(y_ND.dtype)            # gate-weighted rows
+        if capacity_factor > 0:  # dropped rows (sorted last, expert id E) contribute exactly zero
+            y_ND = torch.where((ids_N[order_N] < E).unsqueeze(1), y_ND, 0)
+        # Unsort with the inverse permutation (a gather: deterministic, no atomics), then sum over k.
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        out_TD = y_ND[inverse_N].view(K, T, D).sum(dim=0)                     # (T, D)
+        out_BSD = self.dropout(out_TD.view(B, S, D))
+
+        aux = {
+            'aux_loss': load_balancing_loss(probs_TE, topk_ids_TK, E),
+            'z_loss': router_z_loss(logits_TE),
+        }
+        with torch.no_grad():
+            aux['expert_counts'] = counts_E.float()
+            aux['drop_frac'] = 1.0 - kept_counts_E.sum().float() / ids_N.numel()
+            aux['router_entropy'] = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean().float()
+        if return_intermediate:
+            aux['routing'] = {'router_logits': logits_TE.view(B, S, E), 'router_probs': probs_TE.view(B, S, E),
+                              'topk_ids': topk_ids_TK.view(B, S, K), 'topk_weights': gates_TK.view(B, S, K)}
+        return out_BSD, aux
+
+    def apply_capacity(self, ids_N, counts_E, capacity_factor, T):
+        """Switch/GShard capacity: each expert keeps its first `capacity` assignments in priority
+        order; the rest get expert id E so they sort past every expert and are computed as zero."""
+        E = self.n_experts
+        capacity = math.ceil(capacity_factor * T * self.top_k / E)
+        order_N = torch.argsort(ids_N, stable=True)
+        start_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_sorted_N = torch.arange(ids_N.numel(), device=ids_N.device) - start_E[ids_N[order_N]]
+        rank_N = torch.empty_like(rank_sorted_N)
+        rank_N[order_N] = rank_sorted_N                                        # position inside its expert
+        ids_N = torch.where(rank_N < capacity, ids_N, E)
+        return ids_N, counts_E.clamp(max=capacity)
+
+
+# ----------------------------------------------------------------------------- block
+
+class MLP(nn.Module):
+    """nanoGPT's dense MLP (n_experts=1 and dense blocks of an MoE model)."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = 4 * config.n_embd if config.n_experts > 1 else config.expert_hidden
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if config.activation == 'swiglu' else hidden,
+                              bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(activation_fn(self.activation, self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, is_moe):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MoELayer(config) if is_moe else MLP(config)
+        self.is_moe = is_moe
+
+    def forward(self, x, return_intermediate=False):
+        x = x + self.attn(self.ln_1(x))
+        if self.is_moe:
+            h, aux = self.mlp(self.ln_2(x), return_intermediate)
+            return x + h, aux
+        return x + self.mlp(self.ln_2(x)), None
+
+
+# ----------------------------------------------------------------------------- model
+
+class ParamCount(NamedTuple):
+    total: int
+    active: int  # what one token touches: top_k experts per MoE layer, not n_experts
+
+
+class MoEGPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, config.is_moe_layer(i)) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2*n_layer); expert output projections too.
+        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=resid_std)
+        for moe in self.moe_layers():
+            torch.nn.init.normal_(moe.router.gate.weight, mean=0.0, std=config.router_init_std)
+            torch.nn.init.normal_(moe.experts.w1_EDF, mean=0.0, std=0.02)
+            torch.nn.init.normal_(moe.experts.w2_EHD, mean=0.0, std=resid_std)
+            for b in (moe.experts.b1_EF, moe.experts.b2_ED):
+                if b is not None:
+                    torch.nn.init.zeros_(b)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def moe_layers(self):
+        return [b.mlp for b in self.transformer.h if b.is_moe]
+
+    def get_num_params(self, non_embedding=True):
+        """Total and active parameter counts. non_embedding drops the position embeddings (the token
+        embeddings stay counted: they are tied to lm_head), as in nanoGPT."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.transformer.wpe.weight.numel()
+        inactive = 0
+        for moe in self.moe_layers():
+            per_expert = sum(p.numel() for p in moe.experts.parameters()) // moe.n_experts
+            inactive += (moe.n_experts - moe.top_k) * per_expert
+        return ParamCount(total=total, active=total - inactive)
+
+    def forward(self, idx, targets=None, return_intermediate=False):
+        """Returns (logits, loss, stats). loss = CE + aux_loss_coef*aux + z_loss_coef*z (None without
+        targets); stats holds detached tensors for logging: 'ce', 'aux_loss', 'z_loss', and per MoE
+        layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), plus
+        'routing' (a list, one dict per MoE layer) when return_intermediate=True."""
+        device = idx.device
+        b, t = idx.size()
+        if t > self.config.block_size:
+            raise ValueError(f'sequence of length {t} is longer than block_size={self.config.block_size}')
+        pos = torch.arange(0, t, dtype=torch.long, device=device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        auxes = []
+        for block in self.transformer.h:
+            x, aux = block(x, return_intermediate)
+            if aux is not None:
+                auxes.append(aux)
+        x = self.transformer.ln_f(x)
+
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack([a['aux_loss'] for a in auxes]).mean() if auxes else zero
+        z_loss = torch.stack([a['z_loss'] for a in auxes]).mean() if auxes else zero
+        E = self.config.n_experts
+        stats = {
+            'aux_loss': aux_loss.detach(),
+            'z_loss': z_loss.detach(),
+            'expert_counts': torch.stack([a['expert_counts'] for a in auxes]) if auxes else x.new_zeros(0, E),
+            'drop_frac': torch.stack([a['drop_frac'] for a in auxes]) if auxes else x.new_zeros(0),
+            'router_entropy': torch.stack([a['router_entropy'] for a in auxes]) if auxes else x.new_zeros(0),
+        }
+        if return_intermediate:
+            stats['routing'] = [a['routing'] for a in auxes]
+        if targets is not None:
+            logits = self.lm_head(x)
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = ce + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
+            stats['ce'] = ce.detach()
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
+            loss = None
+        return logits, loss, stats
+
+    def crop_block_size(self, block_size):
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; every >=2-D tensor (matmul weights, stacked experts, embeddings) decays, biases and
+        norms don't (nanoGPT's rule). Fused on CUDA."""
+        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
+        decay_params = [p for p in param_dict.values() if p.dim() >= 2]
+        nodecay_params = [p for p in param_dict.values() if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0},
+        ]
+        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
+        extra = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation on *active* parameters (PaLM appendix B), against peak_flops
+        (default: A100 bf16 312 TFLOPS; H100 SXM dense bf16 is ~989e12)."""
+        N = self.get_num_params().active
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Plain autoregressive sampling (no KV cache): feed the (cropped) context every step."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+        return idx
