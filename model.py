@@ -177,12 +177,13 @@ class Router(nn.Module):
         self.router_fp32 = config.router_fp32
 
     def forward(self, x_TD):
-        if self.router_fp32:  # routing decisions are sensitive to rounding: keep them in fp32
+        if self.router_fp32:  # routing decisions are sensitive to rounding: at least fp32, no autocast
+            dt = torch.promote_types(x_TD.dtype, torch.float32)
             with torch.autocast(x_TD.device.type, enabled=False):
-                logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+                logits_TE = F.linear(x_TD.to(dt), self.gate.weight.to(dt))
         else:
             logits_TE = self.gate(x_TD)
-        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32 if self.router_fp32 else None)
+        probs_TE = F.softmax(logits_TE, dim=-1)
         topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.norm_topk_prob:
             gates_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
@@ -214,9 +215,10 @@ class GroupedExperts(nn.Module):
             return self.expert_impl == 'grouped'
         return x.device.type != 'cpu' or self.w1_EDF.shape[0] >= CPU_GROUPED_MIN_EXPERTS
 
-    def forward(self, x_ND, counts_E, expert_ids_N):
-        """x_ND: rows sorted by expert; counts_E rows per expert (rows beyond sum(counts) are
-        ignored and come back as zeros); expert_ids_N: the expert of each row (for the biases)."""
+    def forward(self, x_ND, counts_E, expert_ids_N, kept_N1=None):
+        """x_ND: rows sorted by expert; counts_E: rows per expert; expert_ids_N: the expert of each
+        row (for the biases). kept_N1 (capacity mode): False on the dropped rows past sum(counts_E),
+        which grouped_mm leaves unwritten in its outputs and input gradients; they are masked to 0."""
         dt = compute_dtype(x_ND)
         x_ND = x_ND.to(dt)
         w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
@@ -226,6 +228,8 @@ class GroupedExperts(nn.Module):
             if self.b1_EF is not None:
                 h_NF = h_NF + self.b1_EF.to(dt)[expert_ids_N]
             h_NH = activation_fn(self.activation, h_NF)
+            if kept_N1 is not None:
+                h_NH = torch.where(kept_N1, h_NH, 0)
             y_ND = F.grouped_mm(h_NH, w2_EHD, offs=offs_E)
         else:
             y_ND = self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, w2_EHD)
@@ -284,10 +288,18 @@ class MoELayer(nn.Module):
             kept_counts_E = counts_E
         order_N = torch.argsort(ids_N, stable=True)                           # (N,) sorted -> assignment
         token_of_N = order_N % T                                               # (N,) token of each sorted row
-        y_ND = self.experts(x_TD[token_of_N], kept_counts_E, ids_N[order_N].clamp(max=E - 1))
+        sorted_ids_N = ids_N[order_N]                                          # (N,) expert of each sorted row
+        x_ND = x_TD[token_of_N]                                                # (N, D) gather, expert-sorted
+        if capacity_factor > 0:
+            # Dropped rows (expert id E) sort last, past every expert's slice: mask them to exactly 0.
+            kept_N1 = (sorted_ids_N < E).unsqueeze(1)
+            x_ND = torch.where(kept_N1, x_ND, 0)
+        else:
+            kept_N1 = None
+        y_ND = self.experts(x_ND, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1)
         y_ND = y_ND * gates_N[order_N].unsqueeze(1).to(y_ND.dtype)            # gate-weighted rows
-        if capacity_factor > 0:  # dropped rows (sorted last, expert id E) contribute exactly zero
-            y_ND = torch.where((ids_N[order_N] < E).unsqueeze(1), y_ND, 0)
+        if kept_N1 is not None:
+            y_ND = torch.where(kept_N1, y_ND, 0)
         # Unsort with the inverse permutation (a gather: deterministic, no atomics), then sum over k.
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
@@ -449,7 +461,10 @@ class MoEGPT(nn.Module):
             stats['routing'] = [a['routing'] for a in auxes]
         if targets is not None:
             logits = self.lm_head(x)
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            # CE in at least fp32: bf16 logits lose the small differences the loss is made of
+            logits_flat = logits.view(-1, logits.size(-1))
+            ce = F.cross_entropy(logits_flat.to(torch.promote_types(logits.dtype, torch.float32)),
+                                 targets.view(-1), ignore_index=-1)
             loss = ce + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
             stats['ce'] = ce.detach()
         else:
