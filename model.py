@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIVATIONS = ('gelu', 'relu', 'silu', 'swish', 'tanh', 'swiglu')
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu', 'swish', 'tanh', 'swiglu')
 EXPERT_IMPLS = ('auto', 'grouped', 'loop')
 HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
 # CPU crossover measured with bench.py on a 2-core machine (fp32, fwd+bwd): the slice loop wins
@@ -45,7 +45,7 @@ class MoEGPTConfig:
     moe_every: int = 1  # every N-th block (after moe_first_dense) is an MoE block
     moe_first_dense: int = 0  # the first K blocks stay dense
     expert_hidden: Optional[int] = None  # hidden width of one expert; None = 4*n_embd
-    activation: str = 'gelu'  # gelu | relu | silu | swish | tanh | swiglu
+    activation: str = 'gelu'  # gelu | gelu_tanh (GPT-2's) | relu | silu | swish | tanh | swiglu
     moe_dropout: Optional[float] = None  # dropout on the MoE output; None = use dropout
     capacity_factor: float = 0.0  # 0 = dropless; >0 = Switch capacity, overflow dropped
     eval_capacity_factor: Optional[float] = None  # in eval mode; None = same as capacity_factor
@@ -105,6 +105,8 @@ def activation_fn(name, h):
     """Apply the named activation; swiglu splits the hidden in two: silu(gate) * up."""
     if name == 'gelu':
         return F.gelu(h)
+    if name == 'gelu_tanh':  # GPT-2's "gelu_new"; needed to reproduce pretrained GPT-2 exactly
+        return F.gelu(h, approximate='tanh')
     if name == 'relu':
         return F.relu(h)
     if name == 'silu':
@@ -123,10 +125,23 @@ def compute_dtype(x):
 
 # ----------------------------------------------------------------------------- attention
 
+class KVCache:
+    """Keys and values of the tokens seen so far, one entry per layer (generation only).
+    Passed into forward and filled in place: it belongs to the caller, not to the model."""
+
+    def __init__(self, n_layer):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+
+    def __len__(self):
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -134,13 +149,23 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x_BSD):
+    def forward(self, x_BSD, kv_cache=None):
         B, S, D = x_BSD.size()
         q, k, v = self.c_attn(x_BSD).split(D, dim=2)
         # (B, S, D) -> (B, n_head, S, head_dim)
         q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0,
-                                           is_causal=True)
+        mask = None
+        if kv_cache is not None:
+            i = self.layer_idx
+            if kv_cache.k[i] is not None:
+                k, v = torch.cat([kv_cache.k[i], k], dim=2), torch.cat([kv_cache.v[i], v], dim=2)
+            kv_cache.k[i], kv_cache.v[i] = k, v
+            P = k.size(2) - S  # cached positions before these S queries
+            if P > 0 and S > 1:  # queries see all of the past and the causal part of the present
+                mask = torch.arange(S, device=q.device)[:, None] + P >= torch.arange(P + S, device=q.device)
+        causal = mask is None and k.size(2) == S  # a single new query attends to everything: no mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0)
         y = y.transpose(1, 2).contiguous().view(B, S, D)
         return self.resid_dropout(self.c_proj(y))
 
@@ -353,16 +378,16 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config, is_moe):
+    def __init__(self, config, is_moe, layer_idx=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MoELayer(config) if is_moe else MLP(config)
         self.is_moe = is_moe
 
-    def forward(self, x, return_intermediate=False):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, return_intermediate=False, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         if self.is_moe:
             h, aux = self.mlp(self.ln_2(x), return_intermediate)
             return x + h, aux
@@ -386,7 +411,7 @@ class MoEGPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, config.is_moe_layer(i)) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, config.is_moe_layer(i), i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -428,20 +453,22 @@ class MoEGPT(nn.Module):
             inactive += (moe.n_experts - moe.top_k) * per_expert
         return ParamCount(total=total, active=total - inactive)
 
-    def forward(self, idx, targets=None, return_intermediate=False):
+    def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None):
         """Returns (logits, loss, stats). loss = CE + aux_loss_coef*aux + z_loss_coef*z (None without
         targets); stats holds detached tensors for logging: 'ce', 'aux_loss', 'z_loss', and per MoE
         layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), plus
-        'routing' (a list, one dict per MoE layer) when return_intermediate=True."""
+        'routing' (a list, one dict per MoE layer) when return_intermediate=True.
+        kv_cache (a KVCache, generation only): idx continues the cached tokens; filled in place."""
         device = idx.device
         b, t = idx.size()
-        if t > self.config.block_size:
-            raise ValueError(f'sequence of length {t} is longer than block_size={self.config.block_size}')
-        pos = torch.arange(0, t, dtype=torch.long, device=device)
+        past = len(kv_cache) if kv_cache is not None else 0
+        if past + t > self.config.block_size:
+            raise ValueError(f'sequence of length {past + t} is longer than block_size={self.config.block_size}')
+        pos = torch.arange(past, past + t, dtype=torch.long, device=device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         auxes = []
         for block in self.transformer.h:
-            x, aux = block(x, return_intermediate)
+            x, aux = block(x, return_intermediate, kv_cache)
             if aux is not None:
                 auxes.append(aux)
         x = self.transformer.ln_f(x)
@@ -471,6 +498,65 @@ class MoEGPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
             loss = None
         return logits, loss, stats
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, upcycle_noise=0.0, **overrides):
+        """GPT-2 weights through HF transformers (imported only here): a hub name ('gpt2',
+        'gpt2-medium', ...) or a local directory written by save_pretrained (works offline).
+
+        overrides set MoEGPTConfig fields (dropout, n_experts, top_k, ...). With n_experts > 1 this is
+        sparse upcycling (Komatsuzaki et al. 2022): every expert of an MoE layer starts as a copy of
+        that layer's dense MLP (plus optional Gaussian noise of std upcycle_noise * the weight's std)
+        and the router starts small. With the k gates renormalised to sum to 1 and no noise, the
+        upcycled model computes exactly the dense model's function at step 0."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError as e:
+            raise ImportError('from_pretrained needs HF transformers: pip install transformers') from e
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hc = hf.config
+        act = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu', 'relu': 'relu',
+               'silu': 'silu', 'swish': 'silu', 'tanh': 'tanh'}.get(hc.activation_function)
+        if act is None:
+            raise ValueError(f'unsupported GPT-2 activation {hc.activation_function!r}')
+        args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
+                    vocab_size=hc.vocab_size, bias=True, dropout=0.0, activation=act)
+        dense_hidden = hc.n_inner or 4 * hc.n_embd
+        args.update(expert_hidden=dense_hidden)
+        fixed = {'n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'activation', 'expert_hidden'}
+        clash = fixed & set(overrides)
+        if clash:
+            raise ValueError(f'from_pretrained: {sorted(clash)} are fixed by the checkpoint')
+        args.update(overrides)
+        config = MoEGPTConfig(**args)
+        if config.n_experts > 1 and not config.norm_topk_prob:
+            print('from_pretrained: norm_topk_prob=False, so the upcycled model starts away from the dense one')
+        model = cls(config)
+        sd_hf = hf.state_dict()
+        # HF's GPT-2 uses Conv1D, i.e. weights stored (in, out); our Linear stores (out, in).
+        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                if k == 'lm_head.weight':
+                    continue  # tied to wte
+                if '.mlp.' in k and not k.split('.mlp.')[1].startswith(('c_fc', 'c_proj')):
+                    continue  # MoE parameters, filled below
+                src = sd_hf[k]
+                if k == 'transformer.wpe.weight':
+                    src = src[:config.block_size]
+                p.copy_(src.t() if k.endswith(conv1d) else src)
+            for i, block in enumerate(model.transformer.h):
+                if not block.is_moe:
+                    continue
+                ex, pre = block.mlp.experts, f'transformer.h.{i}.mlp.'
+                # Conv1D (in, out) layout is exactly one expert's w1 (D, F) / w2 (H, D)
+                for ours, theirs in ((ex.w1_EDF, 'c_fc.weight'), (ex.w2_EHD, 'c_proj.weight'),
+                                     (ex.b1_EF, 'c_fc.bias'), (ex.b2_ED, 'c_proj.bias')):
+                    w = sd_hf[pre + theirs]
+                    ours.copy_(w.expand_as(ours))
+                    if upcycle_noise > 0 and ours.dim() == 3:
+                        ours.add_(torch.randn_like(ours) * upcycle_noise * w.std())
+        return model
 
     def crop_block_size(self, block_size):
         assert block_size <= self.config.block_size
@@ -502,15 +588,57 @@ class MoEGPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Plain autoregressive sampling (no KV cache): feed the (cropped) context every step."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 return_routing=False):
+        """Sample max_new_tokens after idx (B, S). temperature=0 is greedy. top_k / top_p filter the
+        distribution. use_cache: a KV cache, so the prompt is processed once and then one token per
+        step. Past block_size, learned absolute positions can't slide in place: the uncached path
+        recomputes the last block_size tokens every step (nanoGPT); the cached path refills the cache
+        with the last block_size//2 tokens and goes on from there (each token then sees between
+        block_size//2 and block_size tokens). Both agree token for token while the sequence fits.
+        return_routing: also return the top-k expert ids of every generated token in every MoE layer,
+        a LongTensor (max_new_tokens, n_moe_layers, B, top_k)."""
+        bs = self.config.block_size
+        routing = []
+
+        def step(tokens, cache):
+            logits, _, stats = self(tokens, kv_cache=cache, return_intermediate=return_routing)
+            if return_routing:  # routing of the last input position, i.e. the newest token
+                routing.append(torch.stack([r['topk_ids'][:, -1] for r in stats['routing']]))
+            return logits[:, -1, :]
+
+        cache = KVCache(self.config.n_layer) if use_cache else None
+        logits = step(idx[:, -bs:], cache)
+        routing.clear()  # the prompt's routing is not asked for
+        for i in range(max_new_tokens):
+            idx_next = self.sample_next(logits, temperature, top_k, top_p)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if i == max_new_tokens - 1 and not return_routing:
+                break  # the last token needs a forward only to report its routing
+            if not use_cache:
+                logits = step(idx[:, -bs:], None)
+            elif len(cache) + 1 > bs:  # cache full: refill with the last half block
+                cache = KVCache(self.config.n_layer)
+                logits = step(idx[:, -(bs // 2):], cache)
+            else:
+                logits = step(idx_next, cache)
+        if return_routing:
+            return idx, torch.stack(routing) if routing else idx.new_zeros(0, len(self.moe_layers()), idx.size(0), self.config.top_k)
         return idx
+
+    @staticmethod
+    def sample_next(logits_BV, temperature=1.0, top_k=None, top_p=None):
+        """One token per row from logits: greedy at temperature 0, else top-k / nucleus sampling."""
+        if temperature == 0:
+            return logits_BV.argmax(dim=-1, keepdim=True)
+        logits_BV = logits_BV.float() / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits_BV, min(top_k, logits_BV.size(-1)))
+            logits_BV[logits_BV < v[:, [-1]]] = -float('Inf')
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, sorted_idx = torch.sort(logits_BV, descending=True)
+            cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            remove = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+            sorted_logits[remove] = -float('Inf')
+            logits_BV = torch.full_like(logits_BV, -float('Inf')).scatter(1, sorted_idx, sorted_logits)
+        return torch.multinomial(torch.softmax(logits_BV, dim=-1), num_samples=1)
