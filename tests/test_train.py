@@ -1,0 +1,303 @@
+"""train.py end to end, on CPU with tiny models: each test runs the real script in a subprocess."""
+import ast
+import glob
+import json
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+INPUT = Path(__file__).resolve().parents[2] / 'shared/data/tinyshakespeare/input.txt'
+
+import checkpoint  # noqa: E402
+import configurator  # noqa: E402
+from model import MoEGPTConfig  # noqa: E402
+
+TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+        '--batch_size=4', '--dropout=0.0', '--eval_iters=4', '--warmup_iters=0', '--log_interval=1']
+MOE = ['--n_experts=4', '--top_k=2']
+
+
+@pytest.fixture(scope='session')
+def char_data(tmp_path_factory):
+    """data_dir with shakespeare_char in the format prepare.py writes (char vocab, 90/10, uint16)."""
+    if not INPUT.is_file():
+        pytest.fail(f'{INPUT} missing: CI and dev machines keep it in ../shared beside the repo')
+    text = INPUT.read_text(encoding='utf-8')
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    n = int(0.9 * len(text))
+    d = tmp_path_factory.mktemp('data')
+    (d / 'shakespeare_char').mkdir()
+    for split, part in (('train', text[:n]), ('val', text[n:])):
+        np.array([stoi[c] for c in part], dtype=np.uint16).tofile(d / 'shakespeare_char' / f'{split}.bin')
+    meta = {'vocab_size': len(chars), 'dtype': 'uint16', 'tokenizer': 'char', 'itos': chars,
+            'train_tokens': n, 'val_tokens': len(text) - n}
+    (d / 'shakespeare_char' / 'meta.json').write_text(json.dumps(meta))
+    return d
+
+
+@pytest.fixture(scope='session')
+def no_wandb(tmp_path_factory):
+    """A PYTHONPATH entry whose `wandb` fails on import: proves train.py doesn't import it when off."""
+    d = tmp_path_factory.mktemp('fake_wandb')
+    (d / 'wandb').mkdir()
+    (d / 'wandb' / '__init__.py').write_text("raise ImportError('wandb imported although wandb_log=False')\n")
+    return d
+
+
+def train(args, env=None, torchrun=0, timeout=300):
+    cmd = [sys.executable, 'train.py', *map(str, args)]
+    if torchrun:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
+               *cmd[1:]]
+    # one thread: tiny models gain nothing from more, and spinning OpenMP threads crawl on a busy CI box
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+
+
+def ok(r):
+    assert r.returncode == 0, f'exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}'
+    return r
+
+
+def records(out_dir, kind):
+    lines = (Path(out_dir) / 'log.jsonl').read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r['type'] == kind]
+
+
+@pytest.fixture(scope='module')
+def run30(char_data, no_wandb, tmp_path_factory):
+    out = tmp_path_factory.mktemp('run30') / 'out'
+    r = ok(train([*TINY, *MOE, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=30',
+                  '--eval_interval=10', '--log_interval=5', '--learning_rate=3e-3', '--lr_decay_iters=30',
+                  '--always_save_checkpoint=True'], env={'PYTHONPATH': str(no_wandb)}))
+    return out, r
+
+
+def test_30_iters_learns_and_writes_everything(run30):
+    out, r = run30
+    for f in ('ckpt.pt', 'log.jsonl', 'expert_usage.png', 'config.json'):
+        assert (out / f).is_file(), f
+    assert (out / 'expert_usage.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    tr, ev = records(out, 'train'), records(out, 'eval')
+    assert [t['iter'] for t in tr] == [0, 5, 10, 15, 20, 25]
+    assert [e['iter'] for e in ev] == [0, 10, 20, 30]
+    assert tr[-1]['ce'] < tr[0]['ce'] - 0.3, [t['ce'] for t in tr]
+    assert ev[-1]['val_ce'] < ev[0]['val_ce'] - 0.3, [e['val_ce'] for e in ev]
+    assert ev[0]['val_ce'] == pytest.approx(np.log(65), abs=0.1)  # untrained: uniform over 65 chars
+    for rec in tr + ev:
+        assert [l['layer'] for l in rec['layers']] == [0, 1]
+        for l in rec['layers']:
+            assert len(l['frac']) == 4 and sum(l['frac']) == pytest.approx(1.0, abs=1e-5)
+            assert l['max_over_mean'] == pytest.approx(4 * max(l['frac']), rel=1e-4)
+            assert l['min_load'] <= 1.0 <= l['max_over_mean'] and l['drop_frac'] == 0.0
+            assert 0 < l['router_entropy'] <= np.log(4) + 1e-6
+    # counts are summed over the whole log interval: 5 iters x 4 x 32 tokens x top-2 (iter 0: one iter)
+    assert [l['routed'] for l in tr[0]['layers']] == [256, 256]
+    assert all(l['routed'] == 5 * 256 for t in tr[1:] for l in t['layers'])
+    assert all(np.isfinite(t[k]) and t[k] >= 0 for t in tr for k in ('aux', 'z', 'ms_per_iter', 'tokens_per_s'))
+    assert tr[0]['loss'] == pytest.approx(tr[0]['ce'] + 0.01 * tr[0]['aux'] + 0.001 * tr[0]['z'])
+    # console: one line per interval with the expert summary, the per-layer table at evals
+    lines = [l for l in r.stdout.splitlines() if l.startswith('iter ')]
+    assert len(lines) == 6 and all('ms/iter' in l and 'load max/mean' in l and 'dead:' in l for l in lines)
+    assert r.stdout.count('expert load on val at iter') == 4
+    # the checkpoint: weights_only-loadable, plain config, resumable at iter 30
+    ck = checkpoint.load(out / 'ckpt.pt')
+    assert ck['format_version'] == 1 and ck['iter_num'] == 30
+    assert ck['best_val_loss'] == pytest.approx(min(e['val_ce'] for e in ev))
+    assert set(ck['model_args']) == set(MoEGPTConfig.field_names())
+    assert ck['config'] == json.loads((out / 'config.json').read_text())
+    assert ck['config']['n_experts'] == 4 and ck['config']['device'] == 'cpu'
+    assert not any(k.startswith('_orig_mod.') for k in ck['model'])
+    assert {'model', 'optimizer', 'scaler', 'config', 'best_val_loss', 'sampler_state', 'rng'} <= set(ck)
+
+
+def test_resume_continues_at_right_iter_and_matches(char_data, tmp_path):
+    """Stop at iter 4 and resume to 8 == run straight to 8 (same losses at iters 4..7, same weights)."""
+    common = [*TINY, *MOE, f'--data_dir={char_data}', '--eval_interval=4', '--lr_decay_iters=8',
+              '--always_save_checkpoint=True']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    ok(train([*common, f'--out_dir={a}', '--max_iters=8']))
+    ok(train([*common, f'--out_dir={b}', '--max_iters=4']))
+    assert checkpoint.load(b / 'ckpt.pt')['iter_num'] == 4
+    r = ok(train([*common, f'--out_dir={b}', '--max_iters=8', '--init_from=resume']))
+    assert 'resumed from' in r.stdout and 'at iter 4' in r.stdout
+    tb = records(b, 'train')
+    assert [t['iter'] for t in tb] == list(range(8))  # 0..3 before, 4..7 after resuming
+    ta = records(a, 'train')
+    assert [t['loss'] for t in ta[4:]] == [t['loss'] for t in tb[4:]]  # bitwise: fp32 on CPU
+    assert [e['iter'] for e in records(b, 'eval')] == [0, 4, 8]  # no duplicate eval at the resume point
+    ca, cb = checkpoint.load(a / 'ckpt.pt'), checkpoint.load(b / 'ckpt.pt')
+    assert ca['iter_num'] == cb['iter_num'] == 8
+    for k in ca['model']:
+        assert torch.equal(ca['model'][k], cb['model'][k]), k
+
+
+def test_grad_accumulation_matches_bigger_batch(char_data, tmp_path):
+    """2 micro-steps of batch 4 == 1 step of batch 8 (dense model): after one AdamW step the first
+    moment is exactly (1 - beta1) * grad, so the checkpointed exp_avg compares the gradients."""
+    common = ['config/dense.py', *TINY, f'--data_dir={char_data}', '--max_iters=1', '--eval_interval=1',
+              '--always_save_checkpoint=True', '--grad_clip=0.0']
+    a, b = tmp_path / 'ga2', tmp_path / 'ga1'
+    ok(train([*common, f'--out_dir={a}', '--batch_size=4', '--gradient_accumulation_steps=2']))
+    ok(train([*common, f'--out_dir={b}', '--batch_size=8', '--gradient_accumulation_steps=1']))
+    assert records(a, 'train')[0]['layers'] == []  # dense: no MoE layers
+    assert not (a / 'expert_usage.png').exists()
+    sa, sb = (checkpoint.load(d / 'ckpt.pt')['optimizer']['state'] for d in (a, b))
+    assert len(sa) == len(sb) > 10
+    for i in sa:
+        ga, gb = sa[i]['exp_avg'] / 0.1, sb[i]['exp_avg'] / 0.1
+        assert gb.abs().max() > 0
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4 * gb.abs().max().item())
+    assert records(a, 'train')[0]['ce'] == pytest.approx(records(b, 'train')[0]['ce'], rel=1e-6)
+
+
+def test_ddp_two_cpu_processes_match_single_process(char_data, tmp_path):
+    """torchrun 2 procs (gloo) x 1 micro-step == 1 proc x 2 micro-steps: same global batch, same losses."""
+    common = [*TINY, *MOE, f'--data_dir={char_data}', '--max_iters=5', '--eval_interval=5',
+              '--gradient_accumulation_steps=2', '--lr_decay_iters=5', '--learning_rate=3e-3']
+    single, ddp = tmp_path / 'single', tmp_path / 'ddp'
+    ok(train([*common, f'--out_dir={single}']))
+    r = ok(train([*common, f'--out_dir={ddp}'], torchrun=2))
+    assert 'world size 2, 1 micro-steps per process' in r.stdout
+    ts, td = records(single, 'train'), records(ddp, 'train')
+    assert [t['iter'] for t in td] == [0, 1, 2, 3, 4]
+    assert [t['loss'] for t in td] == pytest.approx([t['loss'] for t in ts], rel=1e-5)
+    assert ts[-1]['loss'] < ts[0]['loss'] - 0.05  # it trained (so equal losses mean equal updates)
+    for a, b in zip(ts, td):  # expert counts summed across ranks: the same tokens were routed
+        for la, lb in zip(a['layers'], b['layers']):
+            assert la['routed'] == lb['routed'] == 2 * 4 * 32 * 2
+            assert la['frac'] == pytest.approx(lb['frac'], abs=1e-3)
+
+
+def test_bfloat16_autocast_on_cpu_with_switch_config(char_data, tmp_path):
+    out = tmp_path / 'bf16'
+    r = ok(train(['config/switch_top1.py', *TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=4',
+                  '--eval_interval=4', '--dtype=bfloat16', '--n_experts=4']))
+    assert "dtype='bfloat16'" in r.stdout and 'capacity_factor=1.25' in r.stdout
+    tr = records(out, 'train')
+    assert len(tr) == 4 and all(np.isfinite(t['loss']) for t in tr)
+    assert all(len(l['frac']) == 4 and 0 <= l['drop_frac'] < 1 for t in tr for l in t['layers'])
+
+
+BAD = [
+    (['--n_layers=2'], "unknown config key 'n_layers' (did you mean 'n_layer'?)"),
+    (['--batch_size=abc'], "batch_size must be int, got str 'abc'"),
+    (['--dropout=True'], 'dropout must be float, got bool True'),
+    (['--n_experts=2', '--top_k=3'], 'top_k=3 must be in [1, n_experts=2]'),
+    (['--n_embd=31'], 'n_embd=31 must be a positive multiple of n_head=2'),
+    (['--dtype=fp16'], "dtype='fp16' must be"),
+    (['--block_size=200000'], 'block_size=200000 is too long for the val split'),
+    (['--gradient_accumulation_steps=0'], 'gradient_accumulation_steps=0 must be >= 1'),
+    (['config/nope.py'], 'config file not found: config/nope.py'),
+    (['--init_from=resume'], 'init_from=resume: no checkpoint at'),
+    (['--n_layer', '2'], "bad argument '--n_layer': overrides are written --key=value"),
+]
+
+
+@pytest.mark.parametrize('args,msg', BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_config_fails_clearly_before_any_work(char_data, tmp_path, args, msg):
+    out = tmp_path / 'out'
+    r = train([*TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=1', *args], timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert not out.exists() and r.stdout == ''  # stopped before any work
+
+
+def test_bad_key_in_config_file_and_world_size(char_data, tmp_path):
+    cfg = tmp_path / 'typo.py'
+    cfg.write_text('import math\nlearnig_rate = 1e-3\n')
+    r = train([str(cfg), f'--data_dir={char_data}'])
+    assert r.returncode == 2 and f"{cfg}: unknown config key 'learnig_rate' (did you mean 'learning_rate'?)" \
+        in r.stderr, r.stderr
+    # launched as 2 processes with 3 accumulation steps: not divisible, caught before the process group
+    r = train([*TINY, f'--data_dir={char_data}', '--gradient_accumulation_steps=3'],
+              env={'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'})
+    assert r.returncode == 2 and 'gradient_accumulation_steps=3 must be divisible by the number of processes (2)' \
+        in r.stderr, r.stderr
+
+
+def test_bad_checkpoints_on_resume(run30, char_data, tmp_path):
+    out, _ = run30
+    base = [*TINY, *MOE, f'--data_dir={char_data}', '--init_from=resume']
+    # a different model config than the checkpoint's: named, not a shape-mismatch traceback
+    r = train([*base, f'--out_dir={out}', '--n_embd=64'])
+    assert r.returncode == 2 and 'different model config' in r.stderr and 'n_embd: checkpoint 32, config 64' \
+        in r.stderr, r.stderr
+    # truncated and garbage checkpoints: a clear error, not a pickle traceback
+    for name, data in (('truncated', (out / 'ckpt.pt').read_bytes()[:5000]), ('garbage', b'not a checkpoint')):
+        d = tmp_path / name
+        d.mkdir()
+        (d / 'ckpt.pt').write_bytes(data)
+        r = train([*base, f'--out_dir={d}'])
+        assert r.returncode == 2 and 'cannot read checkpoint' in r.stderr and 'truncated or corrupted' in r.stderr
+        assert 'Traceback' not in r.stderr, r.stderr
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path):
+    r = train([*TINY, f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}'])
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert f'python prepare.py shakespeare_char --data_dir {tmp_path}' in r.stderr, r.stderr
+    r = train([*TINY, '--dataset=my_corpus', f'--out_dir={tmp_path / "out"}'])
+    assert r.returncode == 2 and 'python prepare.py text --input YOUR_TEXT --name my_corpus\n' in r.stderr + '\n'
+
+
+def test_wandb_offline_writes_a_run(char_data, tmp_path):
+    out, wdir = tmp_path / 'out', tmp_path / 'wandb_home'
+    wdir.mkdir()
+    ok(train([*TINY, *MOE, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+              '--wandb_log=True', '--wandb_run_name=t'],
+             env={'WANDB_MODE': 'offline', 'WANDB_DIR': str(wdir), 'WANDB_SILENT': 'true'}))
+    runs = glob.glob(str(wdir / 'wandb' / 'offline-run-*'))
+    assert len(runs) == 1, os.listdir(wdir)
+    data = b''.join(Path(p).read_bytes() for p in glob.glob(runs[0] + '/*.wandb'))
+    for key in (b'train/ce', b'moe/max_over_mean', b'moe/L1/load_hist', b'val/val_ce', b'expert_usage'):
+        assert key in data, key
+
+
+def test_defaults_are_moe_8e_and_configs_are_valid():
+    r = ok(subprocess.run([sys.executable, 'train.py', '--help'], cwd=REPO, capture_output=True, text=True))
+    defaults = {}
+    for line in r.stdout.splitlines():
+        if line.startswith('  ') and ' = ' in line:
+            k, v = line.strip().split(' = ', 1)
+            defaults[k] = ast.literal_eval(v)
+    assert set(MoEGPTConfig.field_names()) <= set(defaults)
+    hints = typing.get_type_hints(MoEGPTConfig)  # Optional[float] -> (float, NoneType), as train.py does
+    types = {k: typing.get_args(hints[k]) or (hints[k],) for k in MoEGPTConfig.field_names()}
+    types.update(compile=(bool, str), vocab_size=(int, type(None)))
+    cfg, _ = configurator.load(defaults, ['config/moe_8e.py'], types)
+    assert cfg == defaults  # `python train.py` runs the moe_8e job
+    expect = {'dense.py': dict(n_experts=1), 'switch_top1.py': dict(top_k=1, capacity_factor=1.25),
+              'moe_owt.py': dict(dataset='openwebtext', n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                                 n_experts=8, top_k=2),
+              'moe_8e_cpu.py': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                                    max_iters=2000, dropout=0.0, n_experts=8, top_k=2)}
+    for name, want in expect.items():
+        cfg, _ = configurator.load(defaults, [f'config/{name}'], types)
+        assert {k: cfg[k] for k in want} == want, name
+
+
+def test_configurator_order_types_and_suggestions(tmp_path):
+    defaults = {'lr': 1e-3, 'n': 2, 'flag': False, 'name': 'x', 'opt': None}
+    types = {'opt': (int, type(None))}
+    f = tmp_path / 'c.py'
+    f.write_text('n = 5\nlr = 1\n')
+    cfg, over = configurator.load(defaults, [str(f), '--n=7', '--flag=True', '--name=123', '--opt=None'], types)
+    assert cfg == {'lr': 1.0, 'n': 7, 'flag': True, 'name': '123', 'opt': None} and type(cfg['lr']) is float
+    assert over == ['n', 'lr', 'flag', 'name', 'opt']
+    with pytest.raises(configurator.ConfigError, match="unknown config key 'nn' .did you mean 'n'"):
+        configurator.load(defaults, ['--nn=3'])
+    with pytest.raises(configurator.ConfigError, match='n must be int, got float 2.5'):
+        configurator.load(defaults, ['--n=2.5'])
+    f.write_text('n = undefined_name\n')
+    with pytest.raises(configurator.ConfigError, match='failed to run: NameError'):
+        configurator.load(defaults, [str(f)])

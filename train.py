@@ -1,0 +1,609 @@
+"""
+Train MoEGPT, nanoGPT style: a flat script, read top to bottom.
+
+Single process (GPU, or CPU with a smaller model):
+$ python train.py config/moe_8e.py
+$ python train.py config/moe_8e_cpu.py
+DDP on 4 GPUs of one node:
+$ torchrun --standalone --nproc_per_node=4 train.py config/moe_8e.py
+DDP on 2 CPU processes (gloo):
+$ torchrun --standalone --nproc_per_node=2 train.py config/moe_8e_cpu.py
+DDP on 2 nodes of 8 GPUs (run on node 0, then on node 1 with --node_rank=1):
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 train.py config/moe_owt.py
+
+Config: the defaults below, then config files and --key=value overrides in the order given
+(python train.py --help lists every key). Everything is checked before any work starts.
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import textwrap
+import time
+import typing
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import checkpoint
+import configurator
+from model import MoEGPT, MoEGPTConfig
+
+_before = set(globals())
+# -----------------------------------------------------------------------------
+# default config values: exactly config/moe_8e.py (shakespeare_char, baby GPT with 8 experts, top-2)
+# I/O
+out_dir = 'out-moe-8e'
+eval_interval = 250
+log_interval = 10
+eval_iters = 200  # batches per split (per process) for each eval
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = False  # if False, save only when val CE improves
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# wandb logging
+wandb_log = False
+wandb_project = 'moe-gpt'
+wandb_run_name = ''  # '' = the name of out_dir
+# data
+dataset = 'shakespeare_char'
+data_dir = 'data'  # prepared data lives in data_dir/dataset/{train.bin,val.bin,meta.json}
+gradient_accumulation_steps = 1  # global: divided among DDP processes
+batch_size = 64  # micro-batch size per process
+# model (every MoEGPTConfig field is a config key; the ones not set here keep the model's defaults)
+block_size = 256
+vocab_size = None  # None = the dataset's (meta.json), padded to a multiple of 64 when large
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+bias = False
+n_experts = 8
+top_k = 2
+# AdamW
+learning_rate = 1e-3
+max_iters = 5000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip the global grad norm to this; 0 = off
+# learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 5000
+min_lr = 1e-4
+# system
+backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
+device = 'auto'  # 'auto' = cuda, else mps, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' = bfloat16 on CUDA if supported, else float16 (GradScaler); float32 elsewhere
+compile = 'auto'  # torch.compile; 'auto' = on for CUDA only
+seed = 1337
+mfu_peak_flops = 312e12  # peak FLOP/s MFU is measured against (A100 bf16; H100 SXM ~989e12)
+# MoE logging
+dead_expert_threshold = 0.1  # an expert is dead when its load over a log interval < this x uniform
+# -----------------------------------------------------------------------------
+for _f in dataclasses.fields(MoEGPTConfig):  # new model fields become config keys automatically
+    if _f.name not in globals():
+        globals()[_f.name] = _f.default
+config_keys = [k for k in globals() if k not in _before and not k.startswith('_')]
+_hints = typing.get_type_hints(MoEGPTConfig)
+key_types = {k: typing.get_args(_hints[k]) or (_hints[k],) for k in MoEGPTConfig.field_names()}
+key_types.update(vocab_size=(int, type(None)), compile=(bool, str))
+# tunable on resume; every other model field must match the checkpoint's
+RESUME_TUNABLE = {'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef',
+                  'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std'}
+
+
+def die(msg):
+    """Bad input: one clear message, exit code 2, no traceback, nothing written."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'train.py: error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+def check(ok, msg):
+    if not ok:
+        die(msg)
+
+
+if any(a in ('-h', '--help') for a in sys.argv[1:]):
+    print(configurator.usage({k: globals()[k] for k in config_keys}))
+    sys.exit(0)
+try:
+    _config, _overridden = configurator.load({k: globals()[k] for k in config_keys}, sys.argv[1:], key_types)
+except configurator.ConfigError as e:
+    die(e)
+globals().update(_config)
+
+# ----------------------------------------------------------------------------- validate (before any work)
+check(init_from in ('scratch', 'resume'), f"init_from={init_from!r} must be 'scratch' or 'resume'")
+check(dtype in ('auto', 'float32', 'bfloat16', 'float16'),
+      f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
+check(compile in (True, False, 'auto'), f"compile={compile!r} must be True, False or 'auto'")
+check(backend in ('auto', 'nccl', 'gloo'), f"backend={backend!r} must be 'auto', 'nccl' or 'gloo'")
+check(device in ('auto', 'cpu', 'cuda', 'mps') or re.fullmatch(r'cuda:\d+', device),
+      f"device={device!r} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+for _k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
+    check(globals()[_k] >= 1, f'{_k}={globals()[_k]} must be >= 1')
+for _k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip',
+           'mfu_peak_flops'):
+    check(globals()[_k] >= 0, f'{_k}={globals()[_k]} must be >= 0')
+check(0 <= beta1 < 1 and 0 <= beta2 < 1, f'beta1={beta1}, beta2={beta2} must be in [0, 1)')
+check(not decay_lr or lr_decay_iters > warmup_iters,
+      f'lr_decay_iters={lr_decay_iters} must be > warmup_iters={warmup_iters} (or set decay_lr=False)')
+check(0 <= dead_expert_threshold <= 1, f'dead_expert_threshold={dead_expert_threshold} must be in [0, 1]')
+
+# DDP: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; the process group is created after validation
+ddp = int(os.environ.get('RANK', -1)) != -1
+rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+world_size = int(os.environ.get('WORLD_SIZE', 1))
+master_process = rank == 0
+check(gradient_accumulation_steps % world_size == 0,
+      f'gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of '
+      f'processes ({world_size}): each one runs gradient_accumulation_steps/{world_size} micro-steps')
+ga_local = gradient_accumulation_steps // world_size
+
+# device, dtype, compile, backend: 'auto' follows the device
+_has_mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if _has_mps else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device
+check(device_type != 'cuda' or torch.cuda.is_available(), f'device={device!r} but CUDA is not available')
+check(device_type != 'mps' or _has_mps, "device='mps' but MPS is not available")
+if ddp and device_type == 'cuda':
+    device = f'cuda:{local_rank}'
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+check(dtype != 'float16' or device_type == 'cuda',
+      f"dtype='float16' trains with a CUDA GradScaler; on {device_type} use 'bfloat16' or 'float32'")
+if compile == 'auto':
+    compile = device_type == 'cuda'
+if backend == 'auto':
+    backend = 'nccl' if device_type == 'cuda' else 'gloo'
+check(backend != 'nccl' or device_type == 'cuda', "backend='nccl' needs CUDA; use backend='gloo' on CPU")
+
+# data: only the files matter (train.bin, val.bin, meta.json), not how prepare.py made them
+data_path = os.path.join(data_dir, dataset)
+prepare_cmd = ('python prepare.py ' + (dataset if dataset in ('shakespeare_char', 'shakespeare', 'openwebtext')
+                                         else f'text --input YOUR_TEXT --name {dataset}')
+               + ('' if data_dir == 'data' else f' --data_dir {data_dir}'))
+for _fn in ('meta.json', 'train.bin', 'val.bin'):
+    check(os.path.isfile(os.path.join(data_path, _fn)),
+          f"dataset '{dataset}' is not prepared ({os.path.join(data_path, _fn)} not found); "
+          f'prepare it with:\n    {prepare_cmd}')
+try:
+    with open(os.path.join(data_path, 'meta.json')) as _f:
+        meta = json.load(_f)
+    meta_vocab_size, data_dtype = int(meta['vocab_size']), np.dtype(meta['dtype'])
+    assert data_dtype in (np.uint16, np.uint32), f"dtype {meta['dtype']!r} is not uint16/uint32"
+except Exception as e:
+    die(f'{os.path.join(data_path, "meta.json")} is unreadable ({type(e).__name__}: {e}); '
+        f're-create it with:\n    {prepare_cmd}')
+n_tokens = {}
+for _split in ('train', 'val'):
+    _size = os.path.getsize(os.path.join(data_path, f'{_split}.bin'))
+    check(_size % data_dtype.itemsize == 0, f'{_split}.bin of {data_path} is truncated; re-create it with:\n    '
+                                            f'{prepare_cmd}')
+    n_tokens[_split] = _size // data_dtype.itemsize
+    check(n_tokens[_split] > block_size,
+          f"block_size={block_size} is too long for the {_split} split of '{dataset}' ({n_tokens[_split]} "
+          f'tokens; a window needs block_size+1)')
+
+# model config: MoEGPTConfig validates its own fields (top_k <= n_experts, n_embd % n_head, ...)
+if vocab_size is None:  # GPU matmuls like multiples of 64 (50257 -> 50304); small char vocabs stay as is
+    vocab_size = meta_vocab_size if meta_vocab_size <= 256 else -(-meta_vocab_size // 64) * 64
+check(vocab_size >= meta_vocab_size, f'vocab_size={vocab_size} is smaller than the dataset\'s ({meta_vocab_size})')
+try:
+    gptconf = MoEGPTConfig(**{k: globals()[k] for k in MoEGPTConfig.field_names()})
+except (ValueError, TypeError) as e:
+    die(e)
+model_args = dataclasses.asdict(gptconf)
+globals().update(model_args)  # resolved values (expert_hidden=None -> 4*n_embd, ...) go into the config
+
+# resume: the checkpoint must load and match the model config and the data
+ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume':
+    try:
+        ckpt = checkpoint.load(ckpt_path)
+    except checkpoint.CheckpointError as e:
+        die(f'init_from=resume: {e}')
+    _diff = [f'{k}: checkpoint {ckpt["model_args"].get(k)!r}, config {v!r}' for k, v in model_args.items()
+             if k not in RESUME_TUNABLE and ckpt['model_args'].get(k) != v]
+    check(not _diff, f'init_from=resume: {ckpt_path} was trained with a different model config; pass the '
+                     f'same settings (e.g. --key=value) to resume:\n    ' + '\n    '.join(_diff))
+    check(ckpt.get('meta_vocab_size') in (None, meta_vocab_size),
+          f"init_from=resume: {ckpt_path} was trained on a vocabulary of {ckpt.get('meta_vocab_size')} but "
+          f"'{dataset}' has {meta_vocab_size}")
+
+# out_dir must be writable (checked by writing a probe file)
+if master_process:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        die(f'out_dir={out_dir!r} is not writable ({e.strerror or e})')
+if wandb_run_name == '':
+    wandb_run_name = os.path.basename(os.path.abspath(out_dir))
+config = {k: globals()[k] for k in config_keys}  # the resolved config: plain values only
+
+# ----------------------------------------------------------------------------- setup
+if ddp:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if device_type == 'cuda':
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master_process:
+    print('config (resolved):')
+    print(textwrap.fill('  '.join(f'{k}={v!r}' for k, v in config.items()), width=110, initial_indent='  ',
+                        subsequent_indent='  ', break_long_words=False, break_on_hyphens=False))
+    print(f'world size {world_size}, {ga_local} micro-steps per process, tokens per iteration {tokens_per_iter:,}')
+    with open(os.path.join(out_dir, 'config.json'), 'w') as _f:
+        json.dump(config, _f, indent=1)
+torch.manual_seed(seed + rank)  # dropout differs per process...
+np.random.seed(seed + rank)
+data_gen = torch.Generator().manual_seed(seed)  # ...but batches are drawn identically on every process
+if device_type == 'cuda':
+    torch.set_float32_matmul_precision('high')  # TF32 matmuls
+    torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+
+def get_batch(split, starts):
+    # re-open the memmap every batch: a long-lived np.memmap leaks memory (nanoGPT's note)
+    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=data_dtype, mode='r')
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts.tolist()]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts.tolist()]).astype(np.int64))
+    if device_type == 'cuda':  # pinned + non_blocking: the copy overlaps the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def next_iter_starts():
+    """Window starts of one whole iteration, (gradient_accumulation_steps, batch_size), drawn
+    identically on every process; each takes its own rows, so N processes train on exactly the
+    batch one process would. sampler_state (checkpointed) redraws them on resume."""
+    global sampler_state
+    sampler_state = data_gen.get_state()
+    starts = torch.randint(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size),
+                           generator=data_gen)
+    return starts[rank * ga_local:(rank + 1) * ga_local]
+
+
+# model
+model = MoEGPT(gptconf)
+moe_layer_ids = [i for i in range(n_layer) if gptconf.is_moe_layer(i)]  # block index of each MoE layer
+n_moe, E = len(moe_layer_ids), n_experts
+iter_num, best_val_loss = 0, float('inf')
+if ckpt is not None:
+    model.load_state_dict(checkpoint.strip_compile_prefix(ckpt['model']))
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+model.to(device)
+params = model.get_num_params()
+if master_process:
+    print(f'model: {params.total / 1e6:.2f}M parameters, {params.active / 1e6:.2f}M active per token; '
+          f'{n_moe} MoE layers x {E} experts, top-{top_k}; device {device}, dtype {dtype}, compile {compile}')
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if scaler.is_enabled() and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    data_gen.set_state(ckpt['sampler_state'])
+    if master_process:
+        checkpoint.set_rng_state(ckpt['rng'])
+    else:  # only rank 0's RNG is saved; the others just need fresh dropout streams
+        torch.manual_seed(seed + rank + world_size * iter_num)
+    print(f'resumed from {ckpt_path} at iter {iter_num} (best val CE {best_val_loss:.4f})') if master_process else None
+ckpt = None  # free memory
+raw_model = model  # the plain module: state_dict, MFU, eval
+if compile:
+    print('compiling the model... (takes a ~minute)') if master_process else None
+    model = torch.compile(model)
+eval_model = model  # compiled if compile, never DDP-wrapped (eval needs no gradient sync)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+# ----------------------------------------------------------------------------- stats helpers
+acc_dtype = torch.float32 if device_type == 'mps' else torch.float64  # counts stay exact in fp64
+
+
+def new_acc():
+    """Sums of per-micro-step stats, kept on device (no sync until they are logged)."""
+    z = lambda *s: torch.zeros(*s, dtype=acc_dtype, device=device)
+    return {'n': 0, 'ce': z(()), 'aux': z(()), 'z': z(()), 'counts': z(n_moe, E), 'drop': z(n_moe),
+            'entropy': z(n_moe)}
+
+
+def acc_add(acc, stats):
+    acc['n'] += 1
+    acc['ce'] += stats['ce']
+    acc['aux'] += stats['aux_loss']
+    acc['z'] += stats['z_loss']
+    acc['counts'] += stats['expert_counts']
+    acc['drop'] += stats['drop_frac']
+    acc['entropy'] += stats['router_entropy']
+
+
+def reduce_acc(acc):
+    """Means over micro-steps and processes (counts: sums), as plain Python numbers."""
+    flat = torch.cat([torch.tensor([acc['n']], dtype=acc_dtype, device=device), acc['ce'].view(1),
+                      acc['aux'].view(1), acc['z'].view(1), acc['drop'], acc['entropy'], acc['counts'].flatten()])
+    if ddp:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.double().cpu()
+    n = max(flat[0].item(), 1.0)
+    out = {'ce': flat[1].item() / n, 'aux': flat[2].item() / n, 'z': flat[3].item() / n}
+    out['loss'] = out['ce'] + aux_loss_coef * out['aux'] + z_loss_coef * out['z']
+    drop, entropy = flat[4:4 + n_moe] / n, flat[4 + n_moe:4 + 2 * n_moe] / n
+    counts = flat[4 + 2 * n_moe:].view(n_moe, E)
+    out['layers'] = layer_stats(counts, drop, entropy)
+    return out
+
+
+def layer_stats(counts, drop, entropy):
+    """Per MoE layer: fraction of routed tokens per expert and the load summary (load = fraction
+    x n_experts, 1.0 = uniform)."""
+    layers = []
+    for li, block in enumerate(moe_layer_ids):
+        frac = counts[li] / counts[li].sum().clamp_min(1)
+        load = frac * E
+        layers.append({'layer': block, 'routed': int(counts[li].sum().item()),  # token->expert assignments
+                       'frac': [round(f, 6) for f in frac.tolist()],
+                       'max_over_mean': load.max().item(), 'min_load': load.min().item(),
+                       'std_load': load.std(unbiased=False).item(), 'drop_frac': drop[li].item(),
+                       'router_entropy': entropy[li].item(),
+                       'dead': [e for e in range(E) if frac[e] < dead_expert_threshold / E]})
+    return layers
+
+
+def moe_summary(layers):
+    """Worst layer's max/mean and min load, mean drop and entropy, dead experts named."""
+    if not layers:
+        return ''
+    dead = [f'L{l["layer"]}:' + ','.join(f'e{e}' for e in l['dead']) for l in layers if l['dead']]
+    dead_s = ' '.join(dead) if len(dead) <= 6 else ' '.join(dead[:6]) + f' (+{len(dead) - 6} layers)'
+    return (f" | load max/mean {max(l['max_over_mean'] for l in layers):.2f}"
+            f" min {min(l['min_load'] for l in layers):.2f}"
+            f" drop {100 * np.mean([l['drop_frac'] for l in layers]):.1f}%"
+            f" H {np.mean([l['router_entropy'] for l in layers]):.2f}/{math.log(E):.2f}"
+            f" | dead: {dead_s or 'none'}")
+
+
+def usage_table(layers, title):
+    """Compact per-layer table of the % of routed tokens per expert (16 experts per row block)."""
+    lines = [f'{title} (% of routed tokens per expert; uniform = {100 / E:.1f}%)']
+    for start in range(0, E, 16):
+        ids = range(start, min(E, start + 16))
+        lines.append('layer ' + ''.join(f'{"e" + str(e):>6}' for e in ids))
+        for l in layers:
+            lines.append(f'L{l["layer"]:<5}' + ''.join(f'{100 * l["frac"][e]:6.1f}' for e in ids))
+    for l in layers:
+        lines.append(f'L{l["layer"]:<5}max/mean {l["max_over_mean"]:.2f}  min {l["min_load"]:.2f}  '
+                     f'std {l["std_load"]:.2f}  dead {",".join(f"e{e}" for e in l["dead"]) or "-"}')
+    return '\n'.join(lines)
+
+
+def plot_expert_usage(history, path):
+    """out_dir/expert_usage.png: layer x expert load at the last eval, and its evolution over evals."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    iters = [it for it, _ in history]
+    load = np.stack([f for _, f in history]) * E  # (n_evals, n_moe, E); 1.0 = uniform
+    vmax = max(2.0, float(load.max()))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, min(12.0, 2.5 + 0.5 * n_moe)), layout='constrained',
+                                 gridspec_kw={'width_ratios': [1, 1.3]})
+    im = a1.imshow(load[-1], aspect='auto', cmap='viridis', vmin=0, vmax=vmax, interpolation='nearest')
+    a1.set_title(f'expert load at iter {iters[-1]} (val; 1 = uniform)')
+    a1.set_xlabel('expert')
+    a1.set_yticks(range(n_moe), [f'L{b}' for b in moe_layer_ids])
+    if E <= 16 and n_moe <= 24:
+        for i in range(n_moe):
+            for j in range(E):
+                a1.text(j, i, f'{load[-1, i, j]:.2f}', ha='center', va='center', fontsize=7,
+                        color='w' if load[-1, i, j] < vmax / 2 else 'k')
+    evo = load.transpose(1, 2, 0).reshape(n_moe * E, len(iters))  # rows: layer-major (layer, expert)
+    a2.imshow(evo, aspect='auto', cmap='viridis', vmin=0, vmax=vmax, interpolation='nearest')
+    a2.set_title('evolution over evals (rows: layer x expert)')
+    a2.set_xlabel('iter')
+    ticks = sorted(set(np.linspace(0, len(iters) - 1, min(len(iters), 8)).round().astype(int)))
+    a2.set_xticks(ticks, [str(iters[t]) for t in ticks])
+    a2.set_yticks([li * E + (E - 1) / 2 for li in range(n_moe)], [f'L{b}' for b in moe_layer_ids])
+    for li in range(1, n_moe):
+        a2.axhline(li * E - 0.5, color='w', linewidth=0.8)
+    fig.colorbar(im, ax=[a1, a2], label='load (fraction x n_experts)')
+    tmp = path + '.tmp'
+    fig.savefig(tmp, format='png', dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)  # a reader never sees half a png
+
+
+@torch.no_grad()
+def estimate_loss():
+    """CE, aux and z over eval_iters batches per split, on batches that are the same at every eval
+    (a fixed generator), so successive evals are comparable. Expert usage is measured on val."""
+    out = {}
+    eval_model.eval()
+    for i, split in enumerate(('train', 'val')):
+        gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1) + i)
+        acc = new_acc()
+        for _ in range(eval_iters):
+            X, Y = get_batch(split, torch.randint(n_tokens[split] - block_size, (batch_size,), generator=gen))
+            with ctx:
+                _, _, stats = eval_model(X, Y)
+            acc_add(acc, stats)
+        out[split] = reduce_acc(acc)
+    eval_model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:  # linear warmup
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (learning_rate - min_lr)
+
+
+def log_jsonl(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def wandb_layers(prefix, layers):
+    """A bounded number of keys however many experts: per layer a histogram of the per-expert
+    fractions plus summary scalars; per-expert scalars only for small models."""
+    d = {}
+    for l in layers:
+        p = f'{prefix}/L{l["layer"]}'
+        d.update({f'{p}/max_over_mean': l['max_over_mean'], f'{p}/min_load': l['min_load'],
+                  f'{p}/std_load': l['std_load'], f'{p}/drop_frac': l['drop_frac'],
+                  f'{p}/router_entropy': l['router_entropy'], f'{p}/dead_experts': len(l['dead'])})
+        if E <= 512:  # wandb's histogram limit
+            d[f'{p}/load_hist'] = wandb.Histogram(np_histogram=(np.array(l['frac']), np.arange(E + 1)))
+        if n_moe * E <= 64:
+            d.update({f'{p}/e{e}': f for e, f in enumerate(l['frac'])})
+    return d
+
+
+# usage history for the heatmap's evolution panel: earlier evals of this out_dir (resume)
+usage_history = []
+if init_from == 'resume' and os.path.isfile(os.path.join(out_dir, 'log.jsonl')):
+    with open(os.path.join(out_dir, 'log.jsonl')) as _f:
+        for _line in _f:
+            try:
+                _r = json.loads(_line)
+                if _r.get('type') == 'eval' and _r['iter'] <= iter_num and len(_r['layers']) == n_moe:
+                    usage_history.append((_r['iter'], np.array([l['frac'] for l in _r['layers']])))
+            except (ValueError, KeyError, TypeError):
+                pass  # a torn last line from a crash: skip it
+if wandb_log and master_process:
+    import wandb  # only imported when asked for
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# ----------------------------------------------------------------------------- training loop
+start_iter = iter_num
+skip_eval_at = start_iter if init_from == 'resume' else -1  # the checkpoint's eval already happened
+rows = next_iter_starts()
+X, Y = get_batch('train', rows[0])  # fetch the very first batch
+acc = new_acc()
+t_log, eval_time, iters_since_log, grad_norm = time.perf_counter(), 0.0, 0, None
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate, log expert usage, checkpoint
+    if eval_only or ((iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != skip_eval_at):
+        t_eval = time.perf_counter()
+        losses = estimate_loss()
+        tr, va = losses['train'], losses['val']
+        improved = va['ce'] < best_val_loss
+        best_val_loss = min(best_val_loss, va['ce'])
+        if master_process:
+            print(f"step {iter_num}: train CE {tr['ce']:.4f}, val CE {va['ce']:.4f} "
+                  f"(val aux {va['aux']:.4f}, z {va['z']:.4f}){moe_summary(va['layers'])}")
+            rec = {'type': 'eval', 'iter': iter_num, 'lr': lr, 'train_ce': tr['ce'], 'val_ce': va['ce'],
+                   'train_aux': tr['aux'], 'val_aux': va['aux'], 'train_z': tr['z'], 'val_z': va['z'],
+                   'train_loss': tr['loss'], 'val_loss': va['loss'], 'best_val_ce': best_val_loss,
+                   'layers': va['layers']}
+            log_jsonl(rec)
+            if n_moe:
+                print(usage_table(va['layers'], f'expert load on val at iter {iter_num}'))
+                usage_history.append((iter_num, np.array([l['frac'] for l in va['layers']])))
+                plot_expert_usage(usage_history, os.path.join(out_dir, 'expert_usage.png'))
+            if wandb_log:
+                d = {k: v for k, v in rec.items() if k not in ('type', 'iter', 'layers', 'lr')}
+                d = {('val/' if k.startswith('val') else 'train/' if k.startswith('train') else '') + k: v
+                     for k, v in d.items()}
+                d.update(wandb_layers('val_moe', va['layers']))
+                if n_moe:
+                    d['val_moe/expert_usage'] = wandb.Image(os.path.join(out_dir, 'expert_usage.png'))
+                wandb.log(d, step=iter_num)
+            if not eval_only and iter_num > 0 and (improved or always_save_checkpoint):
+                print(f'saving checkpoint to {ckpt_path}')
+                checkpoint.save({
+                    'format_version': checkpoint.FORMAT_VERSION,
+                    'model': checkpoint.strip_compile_prefix(raw_model.state_dict()),
+                    'optimizer': optimizer.state_dict(),
+                    'scaler': scaler.state_dict(),
+                    'model_args': model_args,
+                    'config': config,
+                    'iter_num': iter_num,
+                    'best_val_loss': best_val_loss,
+                    'meta_vocab_size': meta_vocab_size,
+                    'sampler_state': sampler_state,  # redraws the pending batch on resume
+                    'rng': checkpoint.rng_state(),
+                }, ckpt_path)
+        eval_time += time.perf_counter() - t_eval
+    if eval_only or iter_num >= max_iters:
+        break
+
+    # one optimizer step: gradient_accumulation_steps micro-steps over all processes
+    for micro_step in range(ga_local):
+        if ddp:  # sync gradients only on the last micro-step (nanoGPT's no_sync equivalent)
+            model.require_backward_grad_sync = micro_step == ga_local - 1
+        with ctx:
+            _, loss, stats = model(X, Y)  # loss = CE + aux_loss_coef*aux + z_loss_coef*z
+            loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
+        acc_add(acc, stats)
+        # fetch the next micro-batch (or the next iteration's first) while this one computes
+        if micro_step + 1 < ga_local:
+            X, Y = get_batch('train', rows[micro_step + 1])
+        else:
+            rows = next_iter_starts()
+            X, Y = get_batch('train', rows[0])
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iters_since_log += 1
+
+    # log: stats over the whole interval, all micro-steps, all processes
+    if iter_num % log_interval == 0:
+        s = reduce_acc(acc)  # all processes take part (all_reduce)
+        dt = (time.perf_counter() - t_log - eval_time) / iters_since_log
+        mfu = raw_model.estimate_mfu(batch_size * ga_local, dt, mfu_peak_flops)
+        gn = grad_norm.item() if grad_norm is not None else None
+        if master_process:
+            print(f"iter {iter_num}: ce {s['ce']:.4f} aux {s['aux']:.4f} z {s['z']:.4f} | "
+                  f"{dt * 1000:.1f}ms/iter {tokens_per_iter / dt:,.0f} tok/s mfu {100 * mfu:.2f}%"
+                  f"{moe_summary(s['layers'])}")
+            rec = {'type': 'train', 'iter': iter_num, 'iters': iters_since_log, 'lr': lr, 'ce': s['ce'],
+                   'aux': s['aux'], 'z': s['z'], 'loss': s['loss'], 'grad_norm': gn, 'ms_per_iter': dt * 1000,
+                   'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu, 'layers': s['layers']}
+            log_jsonl(rec)
+            if wandb_log:
+                d = {'train/ce': s['ce'], 'train/aux': s['aux'], 'train/z': s['z'], 'train/loss': s['loss'],
+                     'lr': lr, 'perf/ms_per_iter': dt * 1000, 'perf/tokens_per_s': tokens_per_iter / dt,
+                     'perf/mfu': mfu}
+                if gn is not None:
+                    d['train/grad_norm'] = gn
+                if n_moe:
+                    L = s['layers']
+                    d.update({'moe/max_over_mean': max(l['max_over_mean'] for l in L),
+                              'moe/min_load': min(l['min_load'] for l in L),
+                              'moe/drop_frac': float(np.mean([l['drop_frac'] for l in L])),
+                              'moe/router_entropy': float(np.mean([l['router_entropy'] for l in L])),
+                              'moe/dead_experts': sum(len(l['dead']) for l in L)})
+                    d.update(wandb_layers('moe', L))
+                wandb.log(d, step=iter_num)
+        acc, t_log, eval_time, iters_since_log = new_acc(), time.perf_counter(), 0.0, 0
+    iter_num += 1
+
+if wandb_log and master_process:
+    wandb.finish()
+if ddp:
+    dist.destroy_process_group()
