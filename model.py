@@ -12,8 +12,9 @@ contiguous slice (one grouped matmul for all experts, or a loop over the slices)
 gathered back and weighted by the gates. No Python loop over tokens, no tokens x experts x capacity
 one-hot tensors. Aux losses and routing statistics are *returned*, never stored on the module.
 """
-import math
 import inspect
+import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu', 'swish', 'tanh', 'swiglu')
 EXPERT_IMPLS = ('auto', 'grouped', 'loop')
+ROUTERS = ('softmax', 'noisy_topk', 'sigmoid', 'expert_choice', 'soft')
+BALANCE_SCOPES = ('micro_batch', 'sequence', 'global')
 HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
 # CPU crossover measured with bench.py on a 2-core machine (fp32, fwd+bwd): the slice loop wins
 # at 8 experts (its per-expert matmuls are big), grouped_mm wins from 16 experts on.
@@ -55,6 +58,11 @@ class MoEGPTConfig:
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
     z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
     expert_impl: str = 'auto'  # grouped (grouped_mm) | loop (per-expert slices) | auto
+    # --- routing and expert designs (README: Routing zoo)
+    router: str = 'softmax'  # softmax | noisy_topk | sigmoid | expert_choice | soft
+    n_shared_experts: int = 0  # always-on experts (each expert_hidden wide) added to the routed output
+    bias_update_rate: float = 0.001  # sigmoid router: expert_bias step per optimizer step (aux-free balancing)
+    balance_scope: str = 'micro_batch'  # aux loss over the micro_batch | each sequence | global (all ranks)
 
     def __post_init__(self):
         if self.expert_hidden is None:
@@ -85,12 +93,18 @@ class MoEGPTConfig:
             ('aux_loss_coef', self.aux_loss_coef >= 0, 'must be >= 0'),
             ('z_loss_coef', self.z_loss_coef >= 0, 'must be >= 0'),
             ('expert_impl', self.expert_impl in EXPERT_IMPLS, f'must be one of {EXPERT_IMPLS}'),
+            ('router', self.router in ROUTERS, f'must be one of {ROUTERS}'),
+            ('n_shared_experts', self.n_shared_experts >= 0, 'must be >= 0'),
+            ('bias_update_rate', self.bias_update_rate >= 0, 'must be >= 0'),
+            ('balance_scope', self.balance_scope in BALANCE_SCOPES, f'must be one of {BALANCE_SCOPES}'),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f'MoEGPTConfig.{name}={getattr(self, name)!r} {why}')
         if self.n_experts == 1:
             self.top_k = 1  # a single expert is the dense MLP; top_k is moot
+        if self.router == 'soft':
+            self.top_k = self.n_experts  # every token through every expert
 
     def is_moe_layer(self, i):
         return (self.n_experts > 1 and i >= self.moe_first_dense
@@ -172,18 +186,31 @@ class CausalSelfAttention(nn.Module):
 
 # ----------------------------------------------------------------------------- router + losses
 
-def load_balancing_loss(probs_TE, topk_ids_TK, n_experts):
+def load_balancing_loss(probs_TE, topk_ids_TK, n_experts, counts_E=None):
     """Switch Transformer aux loss, E * sum_i f_i * P_i.
 
     f_i: fraction of the T*K assignments that went to expert i (sums to 1, so uniform routing gives
     exactly 1.0 for every k); P_i: mean router probability of expert i. f is a count (no gradient);
-    the gradient reaches the router through P.
-    """
-    counts_E = torch.zeros(n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
-    counts_E.scatter_add_(0, topk_ids_TK.reshape(-1), torch.ones_like(topk_ids_TK.reshape(-1), dtype=probs_TE.dtype))
-    f_E = counts_E / topk_ids_TK.numel()
+    the gradient reaches the router through P. counts_E, if given, replaces the local assignment
+    counts (balance_scope='global' passes the counts summed over all ranks)."""
+    if counts_E is None:
+        counts_E = torch.zeros(n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
+        counts_E.scatter_add_(0, topk_ids_TK.reshape(-1), torch.ones_like(topk_ids_TK.reshape(-1), dtype=probs_TE.dtype))
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum()
     P_E = probs_TE.mean(dim=0)
     return n_experts * (f_E * P_E).sum()
+
+
+def sequence_balancing_loss(probs_BSE, topk_ids_BSK, n_experts):
+    """DeepSeek's sequence-level variant: the Switch loss inside each sequence, averaged over the
+    batch. It penalises imbalance within a sequence, not only across the whole batch."""
+    B, S, K = topk_ids_BSK.shape
+    counts_BE = torch.zeros(B, n_experts, device=probs_BSE.device, dtype=probs_BSE.dtype)
+    counts_BE.scatter_add_(1, topk_ids_BSK.reshape(B, -1),
+                           torch.ones(B, S * K, device=probs_BSE.device, dtype=probs_BSE.dtype))
+    f_BE = counts_BE / (S * K)
+    P_BE = probs_BSE.mean(dim=1)
+    return (n_experts * (f_BE * P_BE).sum(-1)).mean()
 
 
 def router_z_loss(logits_TE):
@@ -192,24 +219,52 @@ def router_z_loss(logits_TE):
 
 
 class Router(nn.Module):
-    """Linear scores -> softmax over experts -> top-k -> optional renormalisation."""
+    """Scores every (token, expert) pair and, for token-choice routers, picks each token's experts.
+
+    softmax        softmax over experts, top-k (Switch; Mixtral when the k gates are renormalised)
+    noisy_topk     softmax of logits + N(0,1)*softplus(x W_noise), the noise in training only
+                   (Shazeer et al. 2017)
+    sigmoid        independent sigmoid scores (DeepSeek-V3); experts picked by top-k of
+                   score + expert_bias, a buffer nudged toward balanced load after every optimizer
+                   step (MoEGPT.update_expert_bias); the bias steers selection only, never the gates
+    soft           every expert, weighted by its softmax probability (seed 000's dense Soft MoE)
+    expert_choice  softmax scores; the experts pick tokens (MoELayer.route_expert_choice)
+    """
 
     def __init__(self, config):
         super().__init__()
+        self.kind = config.router
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
-        self.top_k = config.top_k
+        self.noise = nn.Linear(config.n_embd, config.n_experts, bias=False) if self.kind == 'noisy_topk' else None
+        if self.kind == 'sigmoid':
+            self.register_buffer('expert_bias', torch.zeros(config.n_experts))
+        self.top_k = config.n_experts if self.kind == 'soft' else config.top_k
         self.norm_topk_prob = config.norm_topk_prob
         self.router_fp32 = config.router_fp32
 
     def forward(self, x_TD):
+        """Returns logits_TE, probs_TE (rows sum to 1: the P of the balance loss), topk_ids_TK and
+        gates_TK (the weights of the chosen experts' outputs)."""
         if self.router_fp32:  # routing decisions are sensitive to rounding: at least fp32, no autocast
             dt = torch.promote_types(x_TD.dtype, torch.float32)
             with torch.autocast(x_TD.device.type, enabled=False):
-                logits_TE = F.linear(x_TD.to(dt), self.gate.weight.to(dt))
+                x_TD = x_TD.to(dt)
+                logits_TE = F.linear(x_TD, self.gate.weight.to(dt))
+                if self.noise is not None and self.training:
+                    noise_std_TE = F.softplus(F.linear(x_TD, self.noise.weight.to(dt)))
+                    logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         else:
             logits_TE = self.gate(x_TD)
-        probs_TE = F.softmax(logits_TE, dim=-1)
-        topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+            if self.noise is not None and self.training:
+                logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(self.noise(x_TD))
+        if self.kind == 'sigmoid':
+            scores_TE = torch.sigmoid(logits_TE)
+            _, topk_ids_TK = torch.topk(scores_TE + self.expert_bias.to(scores_TE.dtype), self.top_k, dim=-1)
+            topk_probs_TK = scores_TE.gather(1, topk_ids_TK)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        else:
+            probs_TE = F.softmax(logits_TE, dim=-1)
+            topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.norm_topk_prob:
             gates_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
         else:
@@ -218,6 +273,21 @@ class Router(nn.Module):
 
 
 # ----------------------------------------------------------------------------- experts
+
+class MLP(nn.Module):
+    """nanoGPT's dense MLP: the FFN of dense blocks, and the always-on shared experts of an MoE layer."""
+
+    def __init__(self, config, hidden):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if config.activation == 'swiglu' else hidden,
+                              bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(activation_fn(self.activation, self.c_fc(x))))
+
 
 class GroupedExperts(nn.Module):
     """n_experts MLPs with weights stacked along a leading expert dim, applied to expert-sorted rows."""
@@ -281,68 +351,92 @@ class GroupedExperts(nn.Module):
 # ----------------------------------------------------------------------------- MoE layer
 
 class MoELayer(nn.Module):
-    """Router + grouped experts + sort/unsort dispatch. Returns (output, aux dict)."""
+    """Router -> rows sorted by expert -> grouped experts -> gate-weighted scatter-add back to the
+    tokens (+ shared experts). Every router ends in this one dispatch: it only has to say, for each
+    row, which token, which expert and which gate. Returns (output, aux dict)."""
 
     def __init__(self, config):
         super().__init__()
         self.router = Router(config)
         self.experts = GroupedExperts(config)
-        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.shared_experts = (MLP(config, config.n_shared_experts * config.expert_hidden)
+                               if config.n_shared_experts > 0 else None)
+        self.n_experts, self.top_k = config.n_experts, self.router.top_k
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = (config.capacity_factor if config.eval_capacity_factor is None
                                      else config.eval_capacity_factor)
+        self.balance_scope = config.balance_scope
         self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
+
+    @property
+    def active_experts(self):
+        """Routed experts one token passes through (on average, for expert choice)."""
+        if self.router.kind == 'expert_choice':  # C = cf*T/E tokens per expert -> cf experts per token
+            return self.capacity_factor or self.top_k
+        return self.top_k
 
     def forward(self, x_BSD, return_intermediate=False):
         B, S, D = x_BSD.shape
-        E, K = self.n_experts, self.top_k
+        E = self.n_experts
         x_TD = x_BSD.reshape(-1, D)
         T = x_TD.shape[0]
         logits_TE, probs_TE, topk_ids_TK, gates_TK = self.router(x_TD)
-
-        # Assignment n = k*T + t (k-major), so a stable sort by expert keeps, inside each expert,
-        # all first choices before any second choice: the priority order capacity dropping needs.
-        ids_N = topk_ids_TK.t().reshape(-1)                                    # (N,)
-        gates_N = gates_TK.t().reshape(-1)                                     # (N,)
-        counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
-        counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))                # (E,) tokens per expert
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        if capacity_factor > 0:
-            ids_N, kept_counts_E = self.apply_capacity(ids_N, counts_E, capacity_factor, T)
+        if self.router.kind == 'expert_choice':
+            token_of_N, gate_N, counts_E, kept_counts_E, expert_of_N, kept_N1, tokens_EC = \
+                self.route_expert_choice(probs_TE, capacity_factor)
         else:
-            kept_counts_E = counts_E
-        order_N = torch.argsort(ids_N, stable=True)                           # (N,) sorted -> assignment
-        token_of_N = order_N % T                                               # (N,) token of each sorted row
-        sorted_ids_N = ids_N[order_N]                                          # (N,) expert of each sorted row
+            token_of_N, gate_N, counts_E, kept_counts_E, expert_of_N, kept_N1 = \
+                self.route_token_choice(topk_ids_TK, gates_TK, capacity_factor, T)
+
         x_ND = x_TD[token_of_N]                                                # (N, D) gather, expert-sorted
-        if capacity_factor > 0:
-            # Dropped rows (expert id E) sort last, past every expert's slice: mask them to exactly 0.
-            kept_N1 = (sorted_ids_N < E).unsqueeze(1)
-            x_ND = torch.where(kept_N1, x_ND, 0)
-        else:
-            kept_N1 = None
-        y_ND = self.experts(x_ND, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1)
-        y_ND = y_ND * gates_N[order_N].unsqueeze(1).to(y_ND.dtype)            # gate-weighted rows
         if kept_N1 is not None:
-            y_ND = torch.where(kept_N1, y_ND, 0)
-        # Unsort with the inverse permutation (a gather: deterministic, no atomics), then sum over k.
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        out_TD = y_ND[inverse_N].view(K, T, D).sum(dim=0)                     # (T, D)
+            x_ND = torch.where(kept_N1, x_ND, 0)
+        y_ND = self.experts(x_ND, kept_counts_E, expert_of_N, kept_N1)        # (N, D)
+        y_ND = y_ND * gate_N.unsqueeze(1).to(y_ND.dtype)                      # gate-weighted rows
+        if kept_N1 is not None:
+            y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
+        out_TD = y_ND.new_zeros(T, D).index_add_(0, token_of_N, y_ND)         # (T, D) each token's rows summed
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
         out_BSD = self.dropout(out_TD.view(B, S, D))
 
-        aux = {
-            'aux_loss': load_balancing_loss(probs_TE, topk_ids_TK, E),
-            'z_loss': router_z_loss(logits_TE),
-        }
+        aux = {'aux_loss': self.balance_loss(probs_TE, topk_ids_TK, B, S), 'z_loss': router_z_loss(logits_TE)}
         with torch.no_grad():
             aux['expert_counts'] = counts_E.float()
-            aux['drop_frac'] = 1.0 - kept_counts_E.sum().float() / ids_N.numel()
+            if self.router.kind == 'expert_choice':  # dropped: tokens that no expert picked
+                picks_T = torch.zeros(T, device=x_TD.device).index_add_(
+                    0, token_of_N, torch.ones(token_of_N.numel(), device=x_TD.device))
+                aux['drop_frac'] = (picks_T == 0).float().mean()
+            else:  # dropped: assignments over capacity
+                aux['drop_frac'] = 1.0 - kept_counts_E.sum().float() / (T * self.top_k)
             aux['router_entropy'] = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean().float()
         if return_intermediate:
-            aux['routing'] = {'router_logits': logits_TE.view(B, S, E), 'router_probs': probs_TE.view(B, S, E),
-                              'topk_ids': topk_ids_TK.view(B, S, K), 'topk_weights': gates_TK.view(B, S, K)}
+            aux['routing'] = {'router_logits': logits_TE.view(B, S, E), 'router_probs': probs_TE.view(B, S, E)}
+            if self.router.kind == 'expert_choice':
+                aux['routing']['expert_choice_tokens'] = tokens_EC  # (E, C) flat token ids each expert took
+            else:
+                aux['routing'].update(topk_ids=topk_ids_TK.view(B, S, -1), topk_weights=gates_TK.view(B, S, -1))
         return out_BSD, aux
+
+    def route_token_choice(self, topk_ids_TK, gates_TK, capacity_factor, T):
+        """Each token picked k experts: sort the N = T*K assignments by expert. Assignment
+        n = k*T + t (k-major), so a stable sort keeps, inside each expert, all first choices before
+        any second choice: the priority order capacity dropping needs."""
+        E = self.n_experts
+        ids_N = topk_ids_TK.t().reshape(-1)                                    # (N,)
+        gates_N = gates_TK.t().reshape(-1)                                     # (N,)
+        counts_E = torch.zeros(E, dtype=torch.long, device=ids_N.device)
+        counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))                # (E,) tokens per expert
+        kept_counts_E, kept_N1 = counts_E, None
+        if capacity_factor > 0:
+            ids_N, kept_counts_E = self.apply_capacity(ids_N, counts_E, capacity_factor, T)
+        order_N = torch.argsort(ids_N, stable=True)                           # (N,) sorted row -> assignment
+        sorted_ids_N = ids_N[order_N]                                          # (N,) expert of each row
+        if capacity_factor > 0:
+            # Dropped rows (expert id E) sort last, past every expert's slice: masked to exactly 0.
+            kept_N1 = (sorted_ids_N < E).unsqueeze(1)
+        return order_N % T, gates_N[order_N], counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1
 
     def apply_capacity(self, ids_N, counts_E, capacity_factor, T):
         """Switch/GShard capacity: each expert keeps its first `capacity` assignments in priority
@@ -357,24 +451,36 @@ class MoELayer(nn.Module):
         ids_N = torch.where(rank_N < capacity, ids_N, E)
         return ids_N, counts_E.clamp(max=capacity)
 
+    def route_expert_choice(self, probs_TE, capacity_factor):
+        """Expert choice (Zhou et al. 2022): every expert takes its C highest-scoring tokens,
+        C = ceil(cf * T / E), cf = capacity_factor (top_k when 0). Rows come out grouped by expert.
+        The choice compares tokens across the batch, later positions included, so in a causal LM
+        it sees the future (README: Routing zoo)."""
+        E, T = self.n_experts, probs_TE.shape[0]
+        C = min(T, math.ceil((capacity_factor or self.top_k) * T / E))
+        gates_EC, tokens_EC = torch.topk(probs_TE.t(), C, dim=1)              # (E, C) each expert's tokens
+        counts_E = torch.full((E,), C, dtype=torch.long, device=probs_TE.device)
+        expert_of_N = torch.arange(E, device=probs_TE.device).repeat_interleave(C)
+        return tokens_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, expert_of_N, None, tokens_EC
+
+    def balance_loss(self, probs_TE, topk_ids_TK, B, S):
+        """The Switch loss over the micro-batch, per sequence, or with the loads of all DDP ranks
+        ('global': Megatron-Core's global-batch balancing). Expert choice is balanced by
+        construction: no loss."""
+        if self.router.kind == 'expert_choice':
+            return probs_TE.new_zeros(())
+        E = self.n_experts
+        if self.balance_scope == 'sequence':
+            return sequence_balancing_loss(probs_TE.view(B, S, E), topk_ids_TK.view(B, S, -1), E)
+        counts_E = None
+        if self.balance_scope == 'global' and torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts_E = torch.zeros(E, device=probs_TE.device, dtype=torch.float32)
+            counts_E.scatter_add_(0, topk_ids_TK.reshape(-1), torch.ones(topk_ids_TK.numel(), device=probs_TE.device))
+            torch.distributed.all_reduce(counts_E)  # the global batch's loads; P stays local
+        return load_balancing_loss(probs_TE, topk_ids_TK, E, counts_E)
+
 
 # ----------------------------------------------------------------------------- block
-
-class MLP(nn.Module):
-    """nanoGPT's dense MLP (n_experts=1 and dense blocks of an MoE model)."""
-
-    def __init__(self, config):
-        super().__init__()
-        hidden = 4 * config.n_embd if config.n_experts > 1 else config.expert_hidden
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if config.activation == 'swiglu' else hidden,
-                              bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-        self.activation = config.activation
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(activation_fn(self.activation, self.c_fc(x))))
-
 
 class Block(nn.Module):
 
@@ -383,7 +489,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MoELayer(config) if is_moe else MLP(config)
+        dense_hidden = 4 * config.n_embd if config.n_experts > 1 else config.expert_hidden
+        self.mlp = MoELayer(config) if is_moe else MLP(config, dense_hidden)
         self.is_moe = is_moe
 
     def forward(self, x, return_intermediate=False, kv_cache=None):
@@ -416,6 +523,10 @@ class MoEGPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.n_experts > 1 and config.router == 'expert_choice':
+            warnings.warn('router=expert_choice: each expert picks tokens across the whole batch, later '
+                          'positions included, so a causal LM trained with it sees the future; its '
+                          'losses are not comparable with token-choice routers (README: Routing zoo)')
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2*n_layer); expert output projections too.
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -424,6 +535,8 @@ class MoEGPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=resid_std)
         for moe in self.moe_layers():
             torch.nn.init.normal_(moe.router.gate.weight, mean=0.0, std=config.router_init_std)
+            if moe.router.noise is not None:  # Shazeer et al. start the noise weights at zero
+                torch.nn.init.zeros_(moe.router.noise.weight)
             torch.nn.init.normal_(moe.experts.w1_EDF, mean=0.0, std=0.02)
             torch.nn.init.normal_(moe.experts.w2_EHD, mean=0.0, std=resid_std)
             for b in (moe.experts.b1_EF, moe.experts.b2_ED):
@@ -450,8 +563,18 @@ class MoEGPT(nn.Module):
         inactive = 0
         for moe in self.moe_layers():
             per_expert = sum(p.numel() for p in moe.experts.parameters()) // moe.n_experts
-            inactive += (moe.n_experts - moe.top_k) * per_expert
+            inactive += round((moe.n_experts - moe.active_experts) * per_expert)
         return ParamCount(total=total, active=total - inactive)
+
+    @torch.no_grad()
+    def update_expert_bias(self, expert_counts_LE):
+        """DeepSeek-V3's auxiliary-loss-free balancing, called after each optimizer step with the
+        step's tokens per expert (all micro-steps and ranks, so every rank moves identically):
+        bias += rate * sign(mean load - load). Only sigmoid routers have the bias."""
+        for moe, counts_E in zip(self.moe_layers(), expert_counts_LE):
+            if moe.router.kind == 'sigmoid':
+                counts_E = counts_E.to(moe.router.expert_bias.device, torch.float32)
+                moe.router.expert_bias += self.config.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
 
     def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None):
         """Returns (logits, loss, stats). loss = CE + aux_loss_coef*aux + z_loss_coef*z (None without
@@ -600,6 +723,12 @@ class MoEGPT(nn.Module):
         a LongTensor (max_new_tokens, n_moe_layers, B, top_k)."""
         bs = self.config.block_size
         routing = []
+        if any(m.router.kind == 'expert_choice' for m in self.moe_layers()):
+            # Expert choice ranks tokens across the whole sequence; one cached token at a time can't
+            # reproduce that, so rerun the context every step: the same batch-level rule as training.
+            if return_routing:
+                raise ValueError('return_routing: expert-choice routing has no per-token top-k experts')
+            use_cache = False
 
         def step(tokens, cache):
             logits, _, stats = self(tokens, kv_cache=cache, return_intermediate=return_routing)
