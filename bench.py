@@ -1,0 +1,737 @@
+"""
+bench.py: measure MoEGPT's MoE layer and training step against well-known designs, side by side.
+
+Everything is measured in ONE process, on the SAME inputs and the SAME weights, with the variants'
+repeats interleaved (A B C, B C A, ...) and the median taken, and everything is reported as RATIOS:
+absolute times drift on a shared machine, ratios taken this way mostly don't.
+
+  python bench.py                        # CPU fp32, sizes scaled down for a CPU (about 5 minutes)
+  python bench.py --quick                # CI smoke: tiny sizes, seconds, correctness checks included
+  python bench.py --device cuda --compile   # GPU: bf16, GPT-2-small sized model step, torch.compile
+  python bench.py --balanced --json      # uniform routing (kernel speed without load skew), JSON out
+
+Sections
+ 1. MoE layer forward+backward. Ours (model.MoELayer, expert_impl grouped | loop | auto) against
+    baselines re-implemented below with the same router and expert weights:
+      tutorial: per expert, boolean-mask the tokens (topk_ids == e).any(-1), run it, add (makeMoE style)
+      onehot:   GShard / nanoMoE capacity dispatch+combine tensors [tokens, experts, capacity] with
+                einsum/bmm, capacity factor 1.25 (overflow dropped)
+      dense:    one MLP of hidden top_k*expert_hidden: the same active FLOPs; the target to reach
+ 2. Whole-model training step (fwd+bwd+AdamW): tokens/s and MFU on active params, MoE vs the dense
+    model of equal active FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd).
+ 3. Peak memory of a training step for the same pairs.
+ 4. Sampling tokens/s with and without the KV cache (once MoEGPT.generate has use_cache).
+ 5. torch.compile: graph breaks of the MoE layer (torch._dynamo.explain), dropless and capacity.
+Before any timing, every variant's output is checked against ours (section "checks").
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import MoEGPT, MoEGPTConfig, MoELayer, activation_fn
+
+# ----------------------------------------------------------------------------- sizes
+# (n_experts, top_k, expert_hidden as a function of n_embd). Fine-grained is issue 7's definition
+# with m=8: expert_hidden = 4*n_embd/8, 8x the experts, 8x the top_k of an 8-expert top-1 layer
+# (OLMoE's 64e top-8 shape); its active hidden width is 8 * n_embd/2 = 4*n_embd.
+MOE_SHAPES = {
+    '8e-top2': (8, 2, lambda d: 4 * d),
+    '64e-top8': (64, 8, lambda d: 4 * d // 8),
+}
+PRESETS = {
+    # n_embd list, tokens list, repeats, model-step config
+    'cuda': dict(n_embd=[384, 768], tokens=[4096, 16384, 65536], repeats=7,
+                 model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8,
+                            vocab_size=50304)),
+    'cpu': dict(n_embd=[384, 768], tokens=[4096, 8192, 16384], repeats=3,
+                model=dict(n_layer=4, n_head=6, n_embd=384, block_size=256, batch_size=4,
+                           vocab_size=50304)),
+    'quick': dict(n_embd=[64], tokens=[256], repeats=2,
+                  model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4,
+                             vocab_size=256)),
+}
+CAPACITY_FACTOR = 1.25
+# Per-variant time budget (seconds) for one size: a variant slower than budget/repeats gets fewer
+# repeats (at least one timed call), so the quadratic one-hot baseline can't eat the whole run.
+VARIANT_BUDGET_S = 40.0
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns, device, repeats, warmup=1, budget_s=VARIANT_BUDGET_S):
+    """fns: {name: zero-arg callable}. Returns {name: median seconds}. Repeats are interleaved and
+    their order rotated, so drift on a shared machine hits every variant alike."""
+    first = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            first[name] = time.perf_counter() - t0
+    # Slow variants (seconds per call) get fewer repeats; their warmup call counts as a sample,
+    # since at that size every call pays the same first-touch page faults anyway.
+    want = {n: max(1, min(repeats, int(budget_s / max(first[n], 1e-9)))) for n in fns}
+    times = {n: ([first[n]] if want[n] < repeats and first[n] > 1.0 else []) for n in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if len(times[name]) >= want[name]:
+                continue
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def free_memory_bytes(device):
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    with open('/proc/meminfo') as f:
+        info = {line.split(':')[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get('MemAvailable', info.get('MemFree', 0))
+
+
+def peak_matmul_flops(device, dtype):
+    """Peak FLOP/s for MFU. CUDA: the datasheet dense number for known GPUs (bf16). CPU: there is
+    no datasheet number that means anything here, so we measure a large matmul and use that."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        table = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12}
+        for k, v in table.items():
+            if k in name:
+                return v * (1.0 if dtype in (torch.bfloat16, torch.float16) else 0.5), f'{name} datasheet'
+        n = 8192
+    else:
+        n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float('inf')
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best, f'measured {n}x{n} matmul'
+
+
+# ----------------------------------------------------------------------------- routing override
+
+def force_balanced_routing(router):
+    """--balanced: token t goes to experts (t*K + j) % E, j < K (round robin, K distinct experts,
+    exactly T*K/E rows per expert when E divides T*K). Gates stay the router's probabilities of
+    those experts (renormalised like the router does), so the router still gets gradients and the
+    arithmetic is unchanged: only the load skew is gone."""
+    original = router.forward
+
+    def forward(x_TD):
+        logits_TE, probs_TE, topk_ids_TK, _ = original(x_TD)
+        T, K = topk_ids_TK.shape
+        E = probs_TE.shape[-1]
+        ar = torch.arange(T, device=x_TD.device)
+        ids_TK = (ar[:, None] * K + torch.arange(K, device=x_TD.device)) % E
+        p_TK = probs_TE.gather(1, ids_TK)
+        gates_TK = p_TK / p_TK.sum(-1, keepdim=True) if router.norm_topk_prob else p_TK
+        return logits_TE, probs_TE, ids_TK, gates_TK
+
+    router.forward = forward
+
+
+# ----------------------------------------------------------------------------- the layers
+
+def make_layer(D, E, K, H, device, dtype, capacity_factor=0.0, balanced=False, seed=0):
+    """Our MoELayer with the model's init, plus small random biases (so the baselines are checked
+    with biases too) and a router std of 0.02 (the model's 0.01 is near-uniform on purpose)."""
+    cfg = MoEGPTConfig(n_embd=D, n_head=1, n_experts=E, top_k=K, expert_hidden=H, dropout=0.0,
+                       capacity_factor=capacity_factor, expert_impl='auto')
+    g = torch.Generator().manual_seed(seed)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.randn(E, D, generator=g) * 0.02)
+        layer.experts.w1_EDF.copy_(torch.randn(layer.experts.w1_EDF.shape, generator=g) * 0.02)
+        layer.experts.w2_EHD.copy_(torch.randn(layer.experts.w2_EHD.shape, generator=g) * 0.02)
+        layer.experts.b1_EF.copy_(torch.randn(layer.experts.b1_EF.shape, generator=g) * 0.02)
+        layer.experts.b2_ED.copy_(torch.randn(layer.experts.b2_ED.shape, generator=g) * 0.02)
+    layer = layer.to(device=device, dtype=dtype)
+    if balanced:
+        force_balanced_routing(layer.router)
+    return layer
+
+
+def ours(layer, impl):
+    """Our layer with the chosen expert_impl (the attribute is read on every forward)."""
+    def fn(x_BSD):
+        layer.experts.expert_impl = impl
+        return layer(x_BSD)[0]
+    return fn
+
+
+def tutorial_loop_moe(layer, x_BSD):
+    """(a) The tutorial layer (makeMoE / 'MoE from scratch'): a sparse gate matrix (T, E), then for
+    each expert a boolean mask of the tokens that picked it, the expert on those rows, and an
+    in-place add of the gate-weighted output."""
+    B, S, D = x_BSD.shape
+    ex = layer.experts
+    x_TD = x_BSD.reshape(-1, D)
+    _, probs_TE, topk_ids_TK, gates_TK = layer.router(x_TD)
+    sparse_gates_TE = torch.zeros_like(probs_TE).scatter(1, topk_ids_TK, gates_TK)
+    out_TD = torch.zeros_like(x_TD)
+    for e in range(ex.w1_EDF.shape[0]):
+        mask_T = (topk_ids_TK == e).any(dim=-1)
+        if mask_T.any():
+            h = x_TD[mask_T] @ ex.w1_EDF[e] + ex.b1_EF[e]
+            y = activation_fn(ex.activation, h) @ ex.w2_EHD[e] + ex.b2_ED[e]
+            out_TD[mask_T] += y * sparse_gates_TE[mask_T, e].unsqueeze(1).to(y.dtype)
+    return out_TD.view(B, S, D)
+
+
+def onehot_capacity(T, E, K, capacity_factor):
+    return math.ceil(capacity_factor * T * K / E)
+
+
+def onehot_bytes(T, E, K, capacity_factor, itemsize):
+    """Peak bytes the one-hot baseline needs beyond ours, dominated by its (T, E, C) tensors:
+    combine (float), dispatch (float), the gradient of combine (float), the bool mask, and the
+    einsum temporaries. Checked against peak RSS on CPU: 18 bytes/element measured in fp32."""
+    C = onehot_capacity(T, E, K, capacity_factor)
+    return T * E * C * (4 * itemsize + 2)
+
+
+def onehot_dispatch_moe(layer, x_BSD, capacity_factor=CAPACITY_FACTOR):
+    """(b) GShard / nanoMoE: capacity C = ceil(cf*T*K/E); position of each assignment inside its
+    expert by a cumsum over one-hot masks (first choices of all tokens before second choices);
+    combine (T, E, C) = gate x onehot(expert) x onehot(position); dispatch = combine > 0; expert
+    inputs by einsum 'tec,td->ecd', experts by bmm, outputs by einsum 'tec,ecd->td'."""
+    B, S, D = x_BSD.shape
+    ex = layer.experts
+    x_TD = x_BSD.reshape(-1, D)
+    T = x_TD.shape[0]
+    _, probs_TE, topk_ids_TK, gates_TK = layer.router(x_TD)
+    E, K = probs_TE.shape[-1], topk_ids_TK.shape[-1]
+    C = onehot_capacity(T, E, K, capacity_factor)
+    mask_TKE = F.one_hot(topk_ids_TK, E)
+    rank_KTE = torch.cumsum(mask_TKE.transpose(0, 1).reshape(K * T, E), dim=0).view(K, T, E) - 1
+    pos_TK = (rank_KTE.transpose(0, 1) * mask_TKE).sum(-1)                 # slot inside its expert
+    keep_TK = pos_TK < C
+    dt = x_TD.dtype
+    gates_TK = gates_TK.to(dt) * keep_TK
+    slot_TKC = F.one_hot(pos_TK.clamp(max=C - 1), C).to(dt) * keep_TK.unsqueeze(-1)
+    combine_TEC = torch.einsum('tk,tke,tkc->tec', gates_TK, mask_TKE.to(dt), slot_TKC)
+    dispatch_TEC = (combine_TEC > 0).to(dt)
+    x_ECD = torch.einsum('tec,td->ecd', dispatch_TEC, x_TD)
+    h_ECF = torch.bmm(x_ECD, ex.w1_EDF) + ex.b1_EF.unsqueeze(1)
+    y_ECD = torch.bmm(activation_fn(ex.activation, h_ECF), ex.w2_EHD) + ex.b2_ED.unsqueeze(1)
+    out_TD = torch.einsum('tec,ecd->td', combine_TEC, y_ECD)
+    return out_TD.view(B, S, D)
+
+
+class DenseMLP(torch.nn.Module):
+    """(c) One MLP of hidden top_k * expert_hidden: the FLOPs one token spends in our layer's
+    experts, without any routing. Initialised from experts 0..K-1 concatenated, so that
+    dense(x) == sum of those K experts (that is what the correctness check verifies)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        ex, K = layer.experts, layer.top_k
+        with torch.no_grad():
+            self.w1 = torch.nn.Parameter(torch.cat(list(ex.w1_EDF[:K]), dim=1).clone())
+            self.b1 = torch.nn.Parameter(ex.b1_EF[:K].reshape(-1).clone())
+            self.w2 = torch.nn.Parameter(torch.cat(list(ex.w2_EHD[:K]), dim=0).clone())
+            self.b2 = torch.nn.Parameter(ex.b2_ED[:K].sum(0).clone())
+        self.activation = ex.activation
+
+    def forward(self, x):
+        return activation_fn(self.activation, x @ self.w1 + self.b1) @ self.w2 + self.b2
+
+
+def fwd_bwd(fn, x, grad_out, params):
+    """One forward+backward with a fixed output gradient; grads of the input and weights are
+    computed (as inside a network) and dropped before the next call."""
+    for p in params:
+        p.grad = None
+    x.grad = None
+    fn(x).backward(grad_out)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_layer_variants(D, E, K, H, T, device, dtype, balanced):
+    """Every variant against ours on the same input: returns a list of check dicts."""
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    layer = make_layer(D, E, K, H, device, dtype, balanced=balanced)
+    x = torch.randn(1, T, D, device=device, dtype=dtype, generator=None)
+    checks = []
+
+    def compare(name, got, ref):
+        scale = ref.abs().max().item() + 1e-12
+        err = (got.float() - ref.float()).abs().max().item() / scale
+        checks.append(dict(shape=f'D{D} E{E} K{K} H{H} T{T}', variant=name, max_rel_err=err,
+                           ok=bool(err <= tol)))
+
+    with torch.no_grad():
+        ref = ours(layer, 'grouped')(x)
+        compare('ours-loop vs ours-grouped', ours(layer, 'loop')(x), ref)
+        compare('ours-auto vs ours-grouped', ours(layer, 'auto')(x), ref)
+        compare('tutorial vs ours', tutorial_loop_moe(layer, x), ref)
+        # one-hot with a capacity that drops nothing equals dropless ours ...
+        compare('onehot(cf=E/K, no drop) vs ours', onehot_dispatch_moe(layer, x, E / K), ref)
+        # ... and with cf=1.25 it drops exactly what ours does in capacity mode (same priority)
+        layer.capacity_factor = layer.eval_capacity_factor = CAPACITY_FACTOR
+        layer.train()
+        for impl in ('grouped', 'loop'):
+            compare(f'onehot(cf=1.25) vs ours-{impl}(cf=1.25)',
+                    onehot_dispatch_moe(layer, x, CAPACITY_FACTOR), ours(layer, impl)(x))
+        layer.capacity_factor = layer.eval_capacity_factor = 0.0
+        dense = DenseMLP(layer).to(device)
+        ex = layer.experts
+        ref_dense = sum(activation_fn(ex.activation, x @ ex.w1_EDF[e] + ex.b1_EF[e]) @ ex.w2_EHD[e]
+                        + ex.b2_ED[e] for e in range(K))
+        compare('dense vs sum of experts 0..K-1', dense(x), ref_dense)
+    # gradients too: input grad of each dropless variant against ours
+    g = torch.randn_like(x)
+    grads = {}
+    for name, fn in [('ours-grouped', ours(layer, 'grouped')), ('ours-loop', ours(layer, 'loop')),
+                     ('tutorial', lambda v: tutorial_loop_moe(layer, v)),
+                     ('onehot(no drop)', lambda v: onehot_dispatch_moe(layer, v, E / K))]:
+        xg = x.clone().requires_grad_(True)
+        fn(xg).backward(g)
+        grads[name] = (xg.grad, layer.experts.w1_EDF.grad.clone())
+        layer.zero_grad(set_to_none=True)
+    for name in ('ours-loop', 'tutorial', 'onehot(no drop)'):
+        compare(f'{name} dx vs ours', grads[name][0], grads['ours-grouped'][0])
+        compare(f'{name} dW1 vs ours', grads[name][1], grads['ours-grouped'][1])
+    return checks
+
+
+# ----------------------------------------------------------------------------- 1. layer bench
+
+def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_):
+    E, K, hidden_fn = MOE_SHAPES[shape_name]
+    H = hidden_fn(D)
+    layer = make_layer(D, E, K, H, device, dtype, balanced=balanced)
+    layer.train()
+    dense = DenseMLP(layer).to(device)
+    x = torch.randn(1, T, D, device=device, dtype=dtype).requires_grad_(True)
+    g = torch.randn_like(x)
+    lp, dp = list(layer.parameters()), list(dense.parameters())
+    probe = x.detach()[:, :8].reshape(-1, D)
+    layer.experts.expert_impl = 'auto'
+    auto_impl = 'grouped' if layer.experts.use_grouped(probe) else 'loop'
+
+    fns = {
+        'grouped': lambda: fwd_bwd(ours(layer, 'grouped'), x, g, lp),
+        'loop': lambda: fwd_bwd(ours(layer, 'loop'), x, g, lp),
+        'tutorial': lambda: fwd_bwd(lambda v: tutorial_loop_moe(layer, v), x, g, lp),
+        'dense': lambda: fwd_bwd(dense, x, g, dp),
+    }
+    need = onehot_bytes(T, E, K, CAPACITY_FACTOR, x.element_size())
+    budget = free_memory_bytes(device) / 2
+    onehot_note = None
+    if need <= budget:
+        fns['onehot'] = lambda: fwd_bwd(lambda v: onehot_dispatch_moe(layer, v), x, g, lp)
+    else:
+        onehot_note = f'OOM (would need {need / 2**30:.1f} GiB)'
+    if compile_:
+        layer_c = torch.compile(layer)
+        dense_c = torch.compile(dense)
+        fns['grouped+compile'] = lambda: fwd_bwd(lambda v: (setattr(layer.experts, 'expert_impl', 'grouped'),
+                                                            layer_c(v)[0])[1], x, g, lp)
+        fns['dense+compile'] = lambda: fwd_bwd(dense_c, x, g, dp)
+    t = time_interleaved(fns, device, repeats)
+    t['ours'] = t[auto_impl]  # 'auto' runs exactly the impl it resolves to: same code, same time
+    row = dict(n_embd=D, moe=shape_name, n_experts=E, top_k=K, expert_hidden=H,
+               dense_hidden=K * H, tokens=T, auto_impl=auto_impl,
+               onehot_capacity=onehot_capacity(T, E, K, CAPACITY_FACTOR),
+               onehot_gib=need / 2**30, onehot_note=onehot_note,
+               ms={k: v * 1e3 for k, v in t.items()})
+    row['speedup_vs_tutorial'] = t['tutorial'] / t['ours']
+    row['speedup_vs_onehot'] = t['onehot'] / t['ours'] if 'onehot' in t else None
+    row['ours_vs_dense'] = t['dense'] / t['ours']  # >= 0.85 is the goal; 1.0 = as fast as dense
+    row['tflops_ours'] = 6 * T * K * D * H * 2 / t['ours'] / 1e12  # expert matmul FLOPs, fwd+bwd
+    if compile_:
+        row['compiled_vs_dense_compiled'] = t['dense+compile'] / t['grouped+compile']
+    return row
+
+
+# ----------------------------------------------------------------------------- 2. model step
+
+def model_configs(mcfg, E=8, K=2):
+    base = dict(n_layer=mcfg['n_layer'], n_head=mcfg['n_head'], n_embd=mcfg['n_embd'],
+                block_size=mcfg['block_size'], vocab_size=mcfg['vocab_size'], dropout=0.0)
+    D = mcfg['n_embd']
+    return {
+        f'moe {E}e top-{K}': MoEGPTConfig(**base, n_experts=E, top_k=K, expert_hidden=4 * D),
+        f'dense (hidden {K}x4D)': MoEGPTConfig(**base, n_experts=1, expert_hidden=K * 4 * D),
+    }
+
+
+def build_model(cfg, device, balanced, compile_):
+    torch.manual_seed(0)
+    model = MoEGPT(cfg).to(device)
+    if balanced:
+        for moe in model.moe_layers():
+            force_balanced_routing(moe.router)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+    step_model = torch.compile(model) if compile_ else model
+    return model, step_model, opt
+
+
+def train_step(step_model, opt, xb, yb, device, dtype):
+    ctx = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+           else torch.autocast(device.type, enabled=False))
+    with ctx:
+        _, loss, _ = step_model(xb, yb)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def get_batch(mcfg, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, S, V = mcfg['batch_size'], mcfg['block_size'], mcfg['vocab_size']
+    x = torch.randint(0, V, (B, S), generator=g)
+    y = torch.randint(0, V, (B, S), generator=g)
+    return x.to(device), y.to(device)
+
+
+def bench_model(mcfg, device, dtype, repeats, balanced, compile_, peak_flops):
+    xb, yb = get_batch(mcfg, device)
+    built = {name: build_model(cfg, device, balanced, compile_)
+             for name, cfg in model_configs(mcfg).items()}
+    fns = {name: (lambda m=m, o=o: train_step(m, o, xb, yb, device, dtype))
+           for name, (_, m, o) in built.items()}
+    t = time_interleaved(fns, device, repeats, warmup=2 if compile_ else 1)
+    tokens = mcfg['batch_size'] * mcfg['block_size']
+    rows = []
+    for name, (model, _, _) in built.items():
+        pc = model.get_num_params()
+        rows.append(dict(model=name, params_total=pc.total, params_active=pc.active,
+                         ms=t[name] * 1e3, tokens_per_s=tokens / t[name],
+                         mfu=model.estimate_mfu(mcfg['batch_size'], t[name], peak_flops)))
+    moe, dense = rows
+    moe['vs_dense'] = dense['ms'] / moe['ms']
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. memory
+
+def read_proc_status_kb(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(args):
+    """Runs in a fresh subprocess (--_mem-child NAME): a few training steps of one model, then
+    prints the peak RSS growth. Why a subprocess: the CPU allocator (glibc) keeps freed pages and
+    VmHWM only ever grows, so in a long-lived process one model's peak hides the next one's. A
+    fresh process's VmHWM minus its RSS right after `import torch` is the peak of params + grads +
+    AdamW state + activations, the CPU analogue of CUDA's max_memory_allocated."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    mcfg = json.loads(args.mcfg)
+    base_kb = read_proc_status_kb('VmRSS')
+    cfg = model_configs(mcfg)[args._mem_child]
+    _, m, o = build_model(cfg, device, args.balanced, False)
+    xb, yb = get_batch(mcfg, device)
+    for _ in range(2):
+        train_step(m, o, xb, yb, device, dtype)
+    print(json.dumps(dict(peak_bytes=(read_proc_status_kb('VmHWM') - base_kb) * 1024)))
+
+
+def bench_memory(mcfg, device, dtype, balanced):
+    rows = []
+    for name, cfg in model_configs(mcfg).items():
+        if device.type == 'cuda':
+            xb, yb = get_batch(mcfg, device)
+            model, m, o = build_model(cfg, device, balanced, False)
+            train_step(m, o, xb, yb, device, dtype)  # creates AdamW state
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            train_step(m, o, xb, yb, device, dtype)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated(device)
+            del model, m, o
+            torch.cuda.empty_cache()
+            how = 'torch.cuda.max_memory_allocated'
+        else:
+            cmd = [sys.executable, os.path.abspath(__file__), '--_mem-child', name,
+                   '--mcfg', json.dumps(mcfg), '--device', device.type,
+                   '--dtype', [k for k, v in DTYPES.items() if v == dtype][0]]
+            cmd += ['--threads', str(torch.get_num_threads())] + (['--balanced'] if balanced else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            peak = json.loads(out.stdout.strip().splitlines()[-1])['peak_bytes']
+            how = 'peak RSS growth of a fresh subprocess (VmHWM - RSS after import torch)'
+        rows.append(dict(model=name, peak_mib=peak / 2**20, method=how))
+    rows[0]['vs_dense'] = rows[0]['peak_mib'] / rows[1]['peak_mib']
+    return rows
+
+
+# ----------------------------------------------------------------------------- 4. sampling
+
+def bench_sampling(mcfg, device, dtype, balanced, new_tokens):
+    if 'use_cache' not in inspect.signature(MoEGPT.generate).parameters:
+        return dict(note='n/a (no KV cache yet)')
+    cfg = model_configs(mcfg)[next(iter(model_configs(mcfg)))]
+    model, _, _ = build_model(cfg, device, balanced, False)
+    model.eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    ctx = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+           else torch.autocast(device.type, enabled=False))
+
+    def gen(use_cache):
+        torch.manual_seed(0)
+        with ctx:
+            return model.generate(prompt, new_tokens, use_cache=use_cache)
+
+    fns = {'no cache': lambda: gen(False), 'kv cache': lambda: gen(True)}
+    t = time_interleaved(fns, device, 3)
+    res = {k: dict(tokens_per_s=new_tokens / v) for k, v in t.items()}
+    res['speedup'] = t['no cache'] / t['kv cache']
+    return res
+
+
+# ----------------------------------------------------------------------------- 5. compile check
+
+def compile_check(device, dtype, real_compile=False):
+    """torch._dynamo.explain on the MoE layer: graphs and graph breaks per impl, mode and dtype.
+    Tracing only (no code generation), so it is cheap. The loop impl needs counts.tolist()
+    (data-dependent Python ints), which dynamo cannot keep in one graph: its breaks are expected.
+    grouped_mm's meta function (used for tracing) accepts only bf16 in torch 2.13, although the
+    eager CPU kernel also runs fp32: so fp32 is checked too and bf16 is always added.
+    real_compile (--compile): also torch.compile(fullgraph=True) the grouped layer, run fwd+bwd,
+    and compare with eager."""
+    import logging
+    import torch._dynamo
+    fake_log = logging.getLogger('torch._subclasses.fake_tensor')
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a failed meta call logs a long traceback; we report it
+    res = []
+    D, E, K = 64, 8, 2
+    dtypes = [dtype] + ([torch.bfloat16] if dtype != torch.bfloat16 else [])
+    for dt in dtypes:
+        for impl in ('grouped', 'loop'):
+            for cf in (0.0, CAPACITY_FACTOR):
+                layer = make_layer(D, E, K, 4 * D, device, dt, capacity_factor=cf)
+                layer.experts.expert_impl = impl
+                layer.train()
+                x = torch.randn(2, 32, D, device=device, dtype=dt)
+                row = dict(impl=impl, mode='dropless' if cf == 0 else f'capacity {cf}',
+                           dtype=str(dt).replace('torch.', ''))
+                torch._dynamo.reset()
+                try:
+                    ex = torch._dynamo.explain(layer)(x)
+                    reasons = sorted({str(getattr(b, 'reason', b)).splitlines()[0][:100]
+                                      for b in ex.break_reasons})
+                    row.update(graphs=ex.graph_count, graph_breaks=ex.graph_break_count,
+                               fullgraph=ex.graph_break_count == 0, reasons=reasons[:2])
+                except Exception as e:  # report, don't crash the bench
+                    import re
+                    inner = re.search(r"got (\w+\('[^']*'\))", str(e))  # the fake-tensor error inside
+                    row.update(fullgraph=False, error=f'{type(e).__name__}: ' + (
+                        inner.group(1) if inner else str(e).strip().splitlines()[0])[:110])
+                if real_compile and impl == 'grouped' and row.get('fullgraph'):
+                    try:
+                        torch._dynamo.reset()
+                        xg = x.clone().requires_grad_(True)
+                        out = torch.compile(layer, fullgraph=True)(xg)[0]
+                        out.float().sum().backward()
+                        ref = layer(x)[0]
+                        row['compiled_fwd_bwd'] = f'ok (max err {(out - ref).abs().max().item():.1e})'
+                    except Exception as e:
+                        row['compiled_fwd_bwd'] = f'{type(e).__name__}: {str(e).splitlines()[0][:100]}'
+                res.append(row)
+    torch._dynamo.reset()
+    fake_log.setLevel(level)
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(v, spec='.2f', none='-'):
+    return none if v is None else format(v, spec)
+
+
+def print_report(res):
+    m = res['meta']
+    print(f"# bench.py  device={m['device']} ({m['device_name']})  dtype={m['dtype']}  torch={m['torch']}  "
+          f"threads={m['threads']}  balanced={m['balanced']}  compile={m['compile']}")
+    print(f"# peak for MFU: {m['peak_flops'] / 1e12:.2f} TFLOP/s ({m['peak_how']})")
+    bad = [c for c in res['checks'] if not c['ok']]
+    print(f"\n## checks: {len(res['checks']) - len(bad)}/{len(res['checks'])} variants match ours"
+          + ('' if not bad else '  FAILED: ' + '; '.join(f"{c['variant']} ({c['max_rel_err']:.1e})" for c in bad)))
+
+    print('\n## 1. MoE layer forward+backward (ms, median of interleaved repeats; ratios = their time / ours)')
+    hdr = ['D', 'experts', 'H', 'dense H', 'tokens', 'ours(auto)', 'grouped', 'loop', 'tutorial',
+           'onehot', 'dense', 'x tutorial', 'x onehot', 'ours/dense']
+    if res['meta']['compile']:
+        hdr += ['grp+cmp', 'dense+cmp', 'cmp/dense']
+    rows = []
+    for r in res['layer']:
+        ms = r['ms']
+        row = [r['n_embd'], r['moe'], r['expert_hidden'], r['dense_hidden'], r['tokens'],
+               f"{ms['ours']:.1f} ({r['auto_impl']})", fmt(ms['grouped'], '.1f'), fmt(ms['loop'], '.1f'),
+               fmt(ms['tutorial'], '.1f'), r['onehot_note'] or fmt(ms.get('onehot'), '.1f'),
+               fmt(ms['dense'], '.1f'), fmt(r['speedup_vs_tutorial']) + 'x',
+               (fmt(r['speedup_vs_onehot']) + 'x') if r['speedup_vs_onehot'] else 'OOM',
+               fmt(r['ours_vs_dense'])]
+        if res['meta']['compile']:
+            row += [fmt(ms['grouped+compile'], '.1f'), fmt(ms['dense+compile'], '.1f'),
+                    fmt(r['compiled_vs_dense_compiled'])]
+        rows.append([str(c) for c in row])
+    print_table(hdr, rows)
+
+    print('\n## 2. training step (fwd+bwd+AdamW), ' + res['model_cfg_desc'])
+    print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'MFU(active)', 'speed vs dense'],
+                [[r['model'], f"{r['params_total'] / 1e6:.1f}M", f"{r['params_active'] / 1e6:.1f}M",
+                  f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
+                  fmt(r.get('vs_dense'))] for r in res['model']])
+
+    print('\n## 3. peak memory of a training step')
+    print_table(['model', 'peak MiB', 'vs dense', 'method'],
+                [[r['model'], f"{r['peak_mib']:.0f}", fmt(r.get('vs_dense')), r['method']] for r in res['memory']])
+
+    print('\n## 4. sampling')
+    s = res['sampling']
+    if 'note' in s:
+        print(s['note'])
+    else:
+        print(f"no cache {s['no cache']['tokens_per_s']:.1f} tok/s, KV cache {s['kv cache']['tokens_per_s']:.1f} "
+              f"tok/s, speedup {s['speedup']:.2f}x")
+
+    print('\n## 5. torch.compile graph breaks of the MoE layer (torch._dynamo.explain)')
+    print_table(['impl', 'mode', 'dtype', 'graphs', 'breaks', 'fullgraph', 'compiled fwd+bwd', 'why not'],
+                [[c['impl'], c['mode'], c['dtype'], str(c.get('graphs', '-')), str(c.get('graph_breaks', '-')),
+                  str(c['fullgraph']), c.get('compiled_fwd_bwd', '-'),
+                  (c.get('reasons') or [c.get('error', '')])[0]] for c in res['compile_check']])
+    print(f"\n# total {res['meta']['seconds']:.0f} s")
+
+
+def print_table(hdr, rows):
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(hdr)]
+    print('| ' + ' | '.join(h.ljust(w[i]) for i, h in enumerate(hdr)) + ' |')
+    print('|' + '|'.join('-' * (x + 2) for x in w) + '|')
+    for r in rows:
+        print('| ' + ' | '.join(c.ljust(w[i]) for i, c in enumerate(r)) + ' |')
+
+
+# ----------------------------------------------------------------------------- main
+
+DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16,
+          'bf16': torch.bfloat16, 'float16': torch.float16, 'fp16': torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default=None, help='default: float32 on CPU, bfloat16 on CUDA')
+    p.add_argument('--quick', action='store_true', help='tiny sizes (CI smoke run, seconds)')
+    p.add_argument('--balanced', action='store_true', help='force uniform round-robin routing')
+    p.add_argument('--compile', action='store_true', help='also time torch.compile-d ours/dense/model')
+    p.add_argument('--json', action='store_true', help='print JSON instead of tables')
+    p.add_argument('--n-embd', default=None, help='comma list, overrides the preset (e.g. 384,768)')
+    p.add_argument('--tokens', default=None, help='comma list, overrides the preset (e.g. 4096,16384)')
+    p.add_argument('--moe', default=','.join(MOE_SHAPES), help=f'comma list of {list(MOE_SHAPES)}')
+    p.add_argument('--repeats', type=int, default=None)
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch.set_num_threads (default: torch\'s own). On a small CPU shared with other '
+                        'jobs use 1: with 2+ OpenMP threads every parallel op waits at a barrier for a '
+                        'descheduled thread, which turns a 1 ms matmul into a 16 ms one (measured here)')
+    p.add_argument('--skip', default='', help='comma list of sections to skip: layer,model,memory,sampling,compile')
+    p.add_argument('--_mem-child', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--mcfg', default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.dtype = args.dtype or ('bfloat16' if args.device.startswith('cuda') else 'float32')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._mem_child:
+        return memory_child(args)
+    t_start = time.perf_counter()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    preset = dict(PRESETS['quick' if args.quick else ('cuda' if device.type == 'cuda' else 'cpu')])
+    n_embds = [int(v) for v in args.n_embd.split(',')] if args.n_embd else preset['n_embd']
+    tokens = [int(v) for v in args.tokens.split(',')] if args.tokens else preset['tokens']
+    repeats = args.repeats or preset['repeats']
+    mcfg = preset['model']
+    skip = set(filter(None, args.skip.split(',')))
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak_flops, peak_how = peak_matmul_flops(device, dtype)
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    res = dict(meta=dict(device=device.type, dtype=args.dtype, torch=torch.__version__,
+                         device_name=torch.cuda.get_device_name(device) if device.type == 'cuda'
+                         else (platform.processor() or platform.machine()) + f', {os.cpu_count()} cpus',
+                         threads=torch.get_num_threads(), balanced=args.balanced, compile=args.compile,
+                         quick=args.quick, repeats=repeats, peak_flops=peak_flops, peak_how=peak_how),
+               model_cfg_desc=', '.join(f'{k}={v}' for k, v in mcfg.items()))
+
+    # correctness first: small sizes, every variant against ours
+    log('checks ...')
+    checks = []
+    for name in args.moe.split(','):
+        E, K, hidden_fn = MOE_SHAPES[name]
+        D = 64 if args.quick else 128
+        checks += check_layer_variants(D, E, K, hidden_fn(D), 256 if args.quick else 512, device, dtype,
+                                       args.balanced)
+    res['checks'] = checks
+
+    res['layer'] = []
+    if 'layer' not in skip:
+        for D in n_embds:
+            for name in args.moe.split(','):
+                for T in tokens:
+                    log(f'layer D={D} {name} T={T} ...')
+                    res['layer'].append(bench_layer(D, name, T, device, dtype, repeats, args.balanced,
+                                                    args.compile))
+    res['model'] = []
+    if 'model' not in skip:
+        log('model step ...')
+        res['model'] = bench_model(mcfg, device, dtype, max(repeats, 3), args.balanced, args.compile,
+                                   peak_flops)
+    res['memory'] = []
+    if 'memory' not in skip:
+        log('memory ...')
+        res['memory'] = bench_memory(mcfg, device, dtype, args.balanced)
+    res['sampling'] = dict(note='skipped')
+    if 'sampling' not in skip:
+        res['sampling'] = bench_sampling(mcfg, device, dtype, args.balanced, 16 if args.quick else 64)
+    res['compile_check'] = []
+    if 'compile' not in skip:
+        log('compile check ...')
+        res['compile_check'] = compile_check(device, dtype, args.compile)
+    res['meta']['seconds'] = time.perf_counter() - t_start
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print_report(res)
+    return res
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,66 @@
+"""bench.py smoke test: the --quick run works end to end and every variant computes what ours does.
+Correctness only: no timing thresholds (timings on a shared CI machine mean nothing)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import bench  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def quick_run():
+    out = subprocess.run([sys.executable, str(REPO / 'bench.py'), '--quick', '--json', '--threads', '1'],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_quick_run_every_variant_matches_ours(quick_run):
+    checks = quick_run['checks']
+    variants = {c['variant'] for c in checks}
+    for needed in ('ours-loop vs ours-grouped', 'tutorial vs ours', 'onehot(cf=E/K, no drop) vs ours',
+                   'onehot(cf=1.25) vs ours-grouped(cf=1.25)', 'dense vs sum of experts 0..K-1',
+                   'tutorial dx vs ours', 'onehot(no drop) dW1 vs ours'):
+        assert needed in variants
+    bad = [c for c in checks if not c['ok']]
+    assert not bad, bad
+
+
+def test_quick_run_reports_every_section(quick_run):
+    shapes = {r['moe'] for r in quick_run['layer']}
+    assert shapes == set(bench.MOE_SHAPES)
+    for r in quick_run['layer']:
+        assert {'grouped', 'loop', 'tutorial', 'dense', 'ours'} <= set(r['ms'])
+        assert ('onehot' in r['ms']) != bool(r['onehot_note'])  # timed, or reported as OOM
+        assert r['ours_vs_dense'] > 0
+    assert [r['model'] for r in quick_run['model']] == list(bench.model_configs(bench.PRESETS['quick']['model']))
+    assert all(r['tokens_per_s'] > 0 and 0 < r['mfu'] for r in quick_run['model'])
+    assert all(r['peak_mib'] > 0 for r in quick_run['memory'])
+    assert 'note' in quick_run['sampling'] or quick_run['sampling']['kv cache']['tokens_per_s'] > 0
+    grouped_bf16 = [c for c in quick_run['compile_check'] if c['impl'] == 'grouped' and c['dtype'] == 'bfloat16']
+    assert len(grouped_bf16) == 2  # dropless and capacity, reported either way
+
+
+def test_balanced_routing_is_uniform_and_keeps_math():
+    """--balanced: every expert gets exactly T*K/E rows, and all variants still agree with ours."""
+    layer = bench.make_layer(32, 8, 2, 64, torch.device('cpu'), torch.float32, balanced=True)
+    _, _, ids_TK, gates_TK = layer.router(torch.randn(64, 32))
+    assert torch.bincount(ids_TK.flatten(), minlength=8).tolist() == [16] * 8
+    assert torch.allclose(gates_TK.sum(-1), torch.ones(64))
+    checks = bench.check_layer_variants(32, 8, 2, 64, 64, torch.device('cpu'), torch.float32, balanced=True)
+    assert all(c['ok'] for c in checks), [c for c in checks if not c['ok']]
+
+
+def test_onehot_oom_guard_estimate():
+    """The one-hot baseline's memory estimate is what the guard compares with the budget."""
+    E, K, T = 64, 8, 8192
+    C = bench.onehot_capacity(T, E, K, 1.25)
+    assert C == 1280
+    assert bench.onehot_bytes(T, E, K, 1.25, 4) == T * E * C * 18
