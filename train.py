@@ -94,7 +94,8 @@ key_types = {k: typing.get_args(_hints[k]) or (_hints[k],) for k in MoEGPTConfig
 key_types.update(vocab_size=(int, type(None)), compile=(bool, str))
 # tunable on resume; every other model field must match the checkpoint's
 RESUME_TUNABLE = {'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef',
-                  'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std'}
+                  'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std', 'bias_update_rate',
+                  'balance_scope'}
 
 
 def die(msg):
@@ -109,6 +110,7 @@ def check(ok, msg):
         die(msg)
 
 
+sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once under nohup / tee / slurm
 if any(a in ('-h', '--help') for a in sys.argv[1:]):
     print(configurator.usage({k: globals()[k] for k in config_keys}))
     sys.exit(0)
@@ -280,6 +282,7 @@ def next_iter_starts():
 model = MoEGPT(gptconf)
 moe_layer_ids = [i for i in range(n_layer) if gptconf.is_moe_layer(i)]  # block index of each MoE layer
 n_moe, E = len(moe_layer_ids), n_experts
+aux_free = n_moe > 0 and router == 'sigmoid'  # DeepSeek-V3 balancing: expert_bias follows each step's load
 iter_num, best_val_loss = 0, float('inf')
 if ckpt is not None:
     model.load_state_dict(checkpoint.strip_compile_prefix(ckpt['model']))
@@ -549,6 +552,7 @@ while True:
         break
 
     # one optimizer step: gradient_accumulation_steps micro-steps over all processes
+    step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     for micro_step in range(ga_local):
         if ddp:  # sync gradients only on the last micro-step (nanoGPT's no_sync equivalent)
             model.require_backward_grad_sync = micro_step == ga_local - 1
@@ -556,6 +560,8 @@ while True:
             _, loss, stats = model(X, Y)  # loss = CE + aux_loss_coef*aux + z_loss_coef*z
             loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
         acc_add(acc, stats)
+        if aux_free:
+            step_counts += stats['expert_counts']
         # fetch the next micro-batch (or the next iteration's first) while this one computes
         if micro_step + 1 < ga_local:
             X, Y = get_batch('train', rows[micro_step + 1])
@@ -569,6 +575,10 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if aux_free:  # the step's load over all micro-steps and processes, so every process moves alike
+        if ddp:
+            dist.all_reduce(step_counts)
+        raw_model.update_expert_bias(step_counts)
     iters_since_log += 1
 
     # log: stats over the whole interval, all micro-steps, all processes

@@ -27,20 +27,13 @@ MOE = ['--n_experts=4', '--top_k=2']
 
 @pytest.fixture(scope='session')
 def char_data(tmp_path_factory):
-    """data_dir with shakespeare_char in the format prepare.py writes (char vocab, 90/10, uint16)."""
+    """A data_dir holding shakespeare_char, made by prepare.py from the real text (../shared)."""
     if not INPUT.is_file():
         pytest.fail(f'{INPUT} missing: CI and dev machines keep it in ../shared beside the repo')
-    text = INPUT.read_text(encoding='utf-8')
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    n = int(0.9 * len(text))
     d = tmp_path_factory.mktemp('data')
-    (d / 'shakespeare_char').mkdir()
-    for split, part in (('train', text[:n]), ('val', text[n:])):
-        np.array([stoi[c] for c in part], dtype=np.uint16).tofile(d / 'shakespeare_char' / f'{split}.bin')
-    meta = {'vocab_size': len(chars), 'dtype': 'uint16', 'tokenizer': 'char', 'itos': chars,
-            'train_tokens': n, 'val_tokens': len(text) - n}
-    (d / 'shakespeare_char' / 'meta.json').write_text(json.dumps(meta))
+    r = subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char', '--input', str(INPUT), '--data_dir', str(d)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     return d
 
 
@@ -301,3 +294,14 @@ def test_configurator_order_types_and_suggestions(tmp_path):
     f.write_text('n = undefined_name\n')
     with pytest.raises(configurator.ConfigError, match='failed to run: NameError'):
         configurator.load(defaults, [str(f)])
+
+
+def test_sigmoid_router_gets_aux_free_bias_updates(char_data, tmp_path):
+    """router=sigmoid: train.py calls update_expert_bias after every step (bias moves by +-rate)."""
+    out = tmp_path / 'sig'
+    ok(train([*TINY, *MOE, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3',
+              '--router=sigmoid', '--bias_update_rate=0.01', '--always_save_checkpoint=True']))
+    biases = [v for k, v in checkpoint.load(out / 'ckpt.pt')['model'].items() if k.endswith('expert_bias')]
+    assert len(biases) == 2
+    for b in biases:  # 3 steps of +-0.01 (0 on exact ties): it moved, by at most 0.03
+        assert b.abs().max() > 0 and b.abs().max() <= 0.03 + 1e-6
