@@ -1,0 +1,453 @@
+"""
+Beyond one GPU: expert parallelism (EP) and FSDP2 for MoEGPT, on torch.distributed only.
+
+Expert parallelism needs no change to model.py. MoELayer.forward routes and sorts its N token->expert
+rows by expert and hands them to `self.experts(x_ND, counts_E, expert_ids_N, kept_N1)`; here that
+module is swapped for ExpertParallelExperts, a GroupedExperts holding only this rank's contiguous
+shard of experts (EP rank r of N holds experts [r*E/N, (r+1)*E/N)). Its forward
+  1. exchanges the per-expert row counts with all_to_all_single (so every rank knows how many rows of
+     each of its local experts each source sends), the split sizes follow from them,
+  2. sends the kept rows to their experts' ranks with all_to_all_single (variable splits; an autograd
+     Function whose backward is the reverse all_to_all),
+  3. groups the received rows by local expert (stable), runs the local experts with GroupedExperts'
+     very own code (grouped_mm or the slice loop), and restores the received order,
+  4. sends the results back (the reverse all_to_all, differentiable too) and returns them in the
+     original row order, zeros for the dropped rows (capacity mode).
+Gate weighting and the scatter-add back to the tokens stay in MoELayer, on the source rank.
+
+Gradients. Every rank computes the gradient of its own local loss L_r; the training loss is the mean
+over the W = world_size ranks, L = (1/W) sum_r L_r.
+  - Non-expert parameters are replicated: average their gradients over all ranks, with DDP
+    (ddp_ignore_expert_params keeps DDP away from the expert shards; DDP buckets and overlaps the
+    all-reduce with backward, which is why train.py keeps it) or manually (reduce_gradients).
+  - An expert shard receives, through the backward all_to_all, d L_q / dW from every source rank q of
+    its EP group: the *sum* over sources. Summed again over the replicas holding the same experts (the
+    ranks with the same EP rank in the other EP groups: `replica_group`) it is sum over all W ranks;
+    divided by W it is exactly the single-process gradient of the mean loss
+    (reduce_expert_gradients).
+The EP all_to_alls run on their own process group (init_expert_parallel creates it), never on the
+default group DDP uses, so the two never have to agree on an order of collectives.
+
+Checkpoints hold the full model whatever N: full_state_dict gathers the expert shards (same keys and
+shapes as the single-process model), load_full_state_dict slices them; full_optim_state_dict /
+load_full_optim_state_dict do the same for the AdamW moments, so a run resumes exactly with another N.
+
+FSDP2 (apply_fsdp): torch.distributed.fsdp.fully_shard on every Block, then on the root. It composes
+with EP: the expert shards are passed as ignored_params (FSDP shards and reduces only the dense
+parameters, over all ranks; EP shards the experts), and their gradients are reduced with
+reduce_expert_gradients as without FSDP. clip_grad_norm_ here computes the global norm over
+replicated, FSDP-sharded (DTensor) and EP-sharded gradients alike.
+"""
+from types import SimpleNamespace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from model import GroupedExperts, compute_dtype
+
+EXPERT_PARAM_NAMES = ('w1_EDF', 'w2_EHD', 'b1_EF', 'b2_ED')
+
+
+def _is_dtensor(t):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return isinstance(t, DTensor)
+
+
+def unwrap(model):
+    """The plain MoEGPT under DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------- process groups
+
+class EPGroups(NamedTuple):
+    ep: Optional[dist.ProcessGroup]  # the N ranks that split the experts between them
+    replica: Optional[dist.ProcessGroup]  # the W/N ranks holding the same experts (None when W == N)
+    ep_size: int
+
+
+def init_expert_parallel(ep_size):
+    """Create the EP groups (contiguous blocks of ep_size ranks, so EP all-to-alls stay inside a node
+    when ep_size <= GPUs per node) and the expert-replica groups (ranks r, r+N, r+2N, ...). Every rank
+    must call it (new_group is collective). world_size must be a multiple of ep_size."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(f'expert_parallel={ep_size} must divide the world size ({world})')
+    ep = replica = None
+    for g in range(world // ep_size):
+        ranks = list(range(g * ep_size, (g + 1) * ep_size))
+        pg = dist.new_group(ranks)
+        if rank in ranks:
+            ep = pg
+    if world > ep_size:
+        for i in range(ep_size):
+            ranks = list(range(i, world, ep_size))
+            pg = dist.new_group(ranks)
+            if rank in ranks:
+                replica = pg
+    return EPGroups(ep, replica, ep_size)
+
+
+# ----------------------------------------------------------------------------- the all-to-all
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable splits along dim 0; backward sends the gradients back the
+    way the rows came (the same call with the splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x, out_splits, in_splits, group):
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    return out
+
+
+def all_to_all(x, out_splits, in_splits, group):
+    """Differentiable all_to_all_single: x's rows, in_splits[j] of them for rank j, are sent; the
+    result holds out_splits[i] rows from rank i."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+# ----------------------------------------------------------------------------- EP experts
+
+class ExpertParallelExperts(GroupedExperts):
+    """GroupedExperts holding only this rank's shard of the experts (same parameter names, so
+    state_dict keys match the single-process model; shapes have E/N experts); forward has the same
+    signature and result as GroupedExperts.forward on the full set of experts."""
+
+    def __init__(self, experts: GroupedExperts, ep_group, replica_group=None):
+        E = experts.w1_EDF.shape[0]
+        N = dist.get_world_size(ep_group)
+        if E % N:
+            raise ValueError(f'n_experts={E} must be divisible by expert_parallel={N}')
+        world = dist.get_world_size()
+        if replica_group is None and world != N:
+            raise ValueError(f'world size {world} != expert_parallel={N}: pass the replica group '
+                             '(init_expert_parallel makes both)')
+        E_local = E // N
+        r = dist.get_rank(ep_group)
+        D, F_ = experts.w1_EDF.shape[1:]
+        H = experts.w2_EHD.shape[1]
+        sliced = SimpleNamespace(n_experts=E_local, n_embd=D, expert_hidden=H, activation=experts.activation,
+                                 bias=experts.b1_EF is not None, expert_impl=experts.expert_impl)
+        super().__init__(sliced)  # same class, sliced config: the local experts run GroupedExperts' code
+        lo, hi = r * E_local, (r + 1) * E_local
+        with torch.no_grad():
+            for name in EXPERT_PARAM_NAMES:
+                src = getattr(experts, name)
+                if src is not None:  # a fresh Parameter holding a copy of this rank's slice
+                    setattr(self, name, nn.Parameter(src.detach()[lo:hi].clone(), requires_grad=src.requires_grad))
+        self.n_experts_total, self.ep_size, self.ep_rank = E, N, r
+        self.expert_offset = lo
+        self.ep_group, self.replica_group = ep_group, replica_group
+
+    def extra_repr(self):
+        return (f'experts [{self.expert_offset}, {self.expert_offset + self.w1_EDF.shape[0]}) of '
+                f'{self.n_experts_total}, ep rank {self.ep_rank}/{self.ep_size}')
+
+    def forward(self, x_ND, counts_E, expert_ids_N, kept_N1=None):
+        N_ranks, E_local = self.ep_size, self.w1_EDF.shape[0]
+        N, D = x_ND.shape
+        # the cast GroupedExperts does first anyway: under autocast the rows travel in bf16/fp16
+        x_ND = x_ND.to(compute_dtype(x_ND))
+        # 1. rows per (destination rank, local expert) -> (source rank, local expert) on the receiver
+        send_RE = counts_E.view(N_ranks, E_local)
+        recv_RE = _all_to_all(send_RE.reshape(-1), [E_local] * N_ranks, [E_local] * N_ranks,
+                              self.ep_group).view(N_ranks, E_local)
+        counts = torch.stack([send_RE, recv_RE]).cpu()  # one device->host sync for all split sizes
+        send_R, recv_R = counts[0].sum(1).tolist(), counts[1].sum(1).tolist()
+        n_kept = sum(send_R)  # rows past the kept ones were dropped (capacity mode): zeros below
+        # 2. dispatch: the kept rows are already contiguous per destination rank
+        x_MD = all_to_all(x_ND[:n_kept], recv_R, send_R, self.ep_group)         # (M, D) by source
+        # 3. group the received rows by local expert (stable: source order inside an expert)
+        local_M = torch.arange(E_local, device=x_ND.device).repeat(N_ranks).repeat_interleave(
+            recv_RE.reshape(-1), output_size=x_MD.shape[0])
+        order_M = torch.argsort(local_M, stable=True)
+        if x_MD.shape[0]:
+            y_sorted_MD = super().forward(x_MD[order_M], recv_RE.sum(0), local_M[order_M], None)
+        else:  # nothing for my experts: still a graph node, so this rank takes part in the backward all_to_all
+            y_sorted_MD = x_MD * 0
+        y_MD = torch.empty_like(y_sorted_MD).index_copy(0, order_M, y_sorted_MD)  # back to source order
+        # 4. combine: results go back to the ranks the rows came from, in their original order
+        y_ND = all_to_all(y_MD, send_R, recv_R, self.ep_group)
+        if n_kept < N:
+            y_ND = torch.cat([y_ND, y_ND.new_zeros(N - n_kept, y_ND.shape[1])])
+        return y_ND
+
+
+def expert_parallel_modules(model):
+    """(qualified name, module) of every ExpertParallelExperts in the (unwrapped) model."""
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, ExpertParallelExperts)]
+
+
+def expert_params(model):
+    return [p for _, m in expert_parallel_modules(model) for p in m.parameters()]
+
+
+def enable_expert_parallel(model, ep_group, replica_group=None):
+    """Swap the experts of every MoE layer for this rank's shard. ep_group: a process group or the
+    EPGroups of init_expert_parallel. Every rank must start from the same full model (same seed, or
+    the same checkpoint loaded before; or load_full_state_dict afterwards). Call it before DDP /
+    FSDP wrapping, torch.compile and building the optimizer."""
+    if isinstance(ep_group, EPGroups):
+        ep_group, replica_group = ep_group.ep, ep_group.replica
+    raw = unwrap(model)
+    for moe in raw.moe_layers():
+        if isinstance(moe.experts, ExpertParallelExperts):
+            raise ValueError('expert parallelism is already enabled on this model')
+        moe.experts = ExpertParallelExperts(moe.experts, ep_group, replica_group)  # same slot: same param order
+    return model
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def ddp_ignore_expert_params(module):
+    """Tell DDP to leave the expert shards alone (they differ between ranks: DDP would broadcast
+    rank 0's over them and all-reduce shards of different experts). Call on the exact module that
+    is then wrapped by DDP (the compiled one if compiled: names carry its _orig_mod. prefix)."""
+    ids = {id(p) for p in expert_params(module)}
+    names = [n for n, p in module.named_parameters() if id(p) in ids]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    return names
+
+
+def _all_reduce_flat(tensors, group, scale=None):
+    """Sum the tensors in place over the group (one flat buffer per dtype; group None: no
+    reduction, only the scale), then multiply by scale."""
+    by_dtype = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(flat, group=group)
+        if scale is not None:
+            flat.mul_(scale)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+@torch.no_grad()
+def reduce_expert_gradients(model):
+    """Expert shards: sum over the ranks holding the same experts, divided by the world size (each
+    holder already has the sum over its EP group's sources, see the module docstring). The result is
+    the single-process gradient of the mean loss. Call after the last backward of the step."""
+    mods = expert_parallel_modules(model)
+    if not mods:
+        return
+    world = dist.get_world_size()
+    groups = {}
+    for _, m in mods:
+        for p in m.parameters():
+            if p.grad is None:  # no rows reached these experts: a zero gradient, as in the single process
+                p.grad = torch.zeros_like(p)  # (AdamW still steps them; replicas flatten the same list)
+            groups.setdefault(m.replica_group, []).append(p.grad)
+    for group, grads in groups.items():
+        _all_reduce_flat(grads, group, 1.0 / world)
+
+
+@torch.no_grad()
+def reduce_gradients(model):
+    """Manual gradient reduction without DDP: non-expert gradients averaged over all ranks (one
+    flat all-reduce per dtype, after backward; DDP would overlap it with backward instead), expert
+    gradients as in reduce_expert_gradients. Skips FSDP-managed (DTensor) parameters."""
+    ex = {id(p) for p in expert_params(model)}
+    dense = [p.grad for p in unwrap(model).parameters()
+             if p.grad is not None and id(p) not in ex and not _is_dtensor(p)]
+    if dense:
+        _all_reduce_flat(dense, dist.group.WORLD, 1.0 / dist.get_world_size())
+    reduce_expert_gradients(model)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model, max_norm):
+    """torch.nn.utils.clip_grad_norm_ (2-norm) over the whole distributed model: replicated
+    gradients count once, FSDP shards (DTensor) and expert shards are summed over their ranks, so
+    every rank gets the same global norm and the same clip factor (a per-rank norm would make the
+    replicated parameters drift apart). Returns the total norm (a tensor)."""
+    raw = unwrap(model)
+    ex = {id(p) for p in expert_params(raw)}
+    ep_group = next((m.ep_group for _, m in expert_parallel_modules(raw)), None)
+    grads = [p.grad for p in raw.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    dev = grads[0].to_local().device if _is_dtensor(grads[0]) else grads[0].device
+    replicated = torch.zeros((), device=dev, dtype=torch.float64)
+    ep_local = torch.zeros((), device=dev, dtype=torch.float64)
+    fsdp_local = torch.zeros((), device=dev, dtype=torch.float64)
+    for p in raw.parameters():
+        g = p.grad
+        if g is None:
+            continue
+        if _is_dtensor(g):  # FSDP2: sharded over all ranks of its mesh (dim-0 shards, no overlap)
+            fsdp_local += g.to_local().double().pow(2).sum()
+        elif id(p) in ex:
+            ep_local += g.double().pow(2).sum()
+        else:
+            replicated += g.double().pow(2).sum()
+    if ep_group is not None and dist.get_world_size(ep_group) > 1:
+        dist.all_reduce(ep_local, group=ep_group)  # the replicas of a shard hold the same gradient
+    if any(_is_dtensor(g) for g in grads):
+        dist.all_reduce(fsdp_local)
+    total = (replicated + ep_local + fsdp_local).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if _is_dtensor(g) else g).mul_(coef.to(g.dtype))
+    return total.float()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _full(t):
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _gather_experts(t, m):
+    parts = [torch.empty_like(t) for _ in range(m.ep_size)]
+    dist.all_gather(parts, t.contiguous(), group=m.ep_group)
+    return torch.cat(parts)
+
+
+def _shard_like(full, like, m=None):
+    """The local piece of a full tensor: the expert slice for EP, the DTensor shard for FSDP."""
+    if m is not None:
+        if full.shape[0] != m.n_experts_total:
+            raise ValueError(f'expert tensor of {full.shape[0]} experts, the model has {m.n_experts_total}')
+        full = full[m.expert_offset:m.expert_offset + m.w1_EDF.shape[0]]
+    if _is_dtensor(like):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+    return full
+
+
+def full_state_dict(model, ep_group=None):
+    """The state_dict of the single-process model (same keys, full expert tensors) whatever the EP
+    size or FSDP: expert shards are all-gathered over their EP group, FSDP's DTensors made full.
+    Collective: every rank must call it (every rank gets the full dict). ep_group is accepted for
+    symmetry; each expert module knows its own group."""
+    raw = unwrap(model)
+    sd = {k: _full(v) for k, v in raw.state_dict().items()}
+    for name, m in expert_parallel_modules(raw):
+        for pn in EXPERT_PARAM_NAMES:
+            key = f'{name}.{pn}'
+            if key in sd:
+                sd[key] = _gather_experts(sd[key], m)
+    return sd
+
+
+def load_full_state_dict(model, sd, ep_group=None, strict=True):
+    """Load a full (single-process) state_dict into an EP-sharded and/or FSDP model: every rank
+    takes its own expert slice / FSDP shard. The inverse of full_state_dict, for any EP size."""
+    raw = unwrap(model)
+    mods = dict(expert_parallel_modules(raw))
+    own = raw.state_dict()
+    local = {}
+    for k, v in sd.items():
+        mod_name, _, pn = k.rpartition('.')
+        m = mods.get(mod_name) if pn in EXPERT_PARAM_NAMES else None
+        local[k] = _shard_like(v, own[k], m) if k in own else v
+    return raw.load_state_dict(local, strict=strict)
+
+
+def _optim_params(optimizer):
+    return [p for g in optimizer.param_groups for p in g['params']]
+
+
+def full_optim_state_dict(model, optimizer):
+    """optimizer.state_dict() with the per-parameter state (AdamW's exp_avg, exp_avg_sq) of expert
+    shards gathered to full experts and FSDP DTensors made full: it loads into the single-process
+    optimizer (same parameter order) or any other EP size. Collective."""
+    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
+    osd = optimizer.state_dict()
+    params = _optim_params(optimizer)
+    state = {}
+    for i, st in osd['state'].items():
+        p, m = params[i], owner.get(id(params[i]))
+        new = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape:
+                v = _full(v)
+                if m is not None:
+                    v = _gather_experts(v, m)
+            new[k] = v
+        state[i] = new
+    return {'state': state, 'param_groups': osd['param_groups']}
+
+
+def load_full_optim_state_dict(model, optimizer, osd):
+    """Load a full optimizer state_dict (from full_optim_state_dict or a single-process run) into
+    this rank's optimizer: expert moments sliced to the local shard, FSDP ones to the local DTensor
+    shard."""
+    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
+    params = _optim_params(optimizer)
+    state = {}
+    for i, st in osd['state'].items():
+        p, m = params[i], owner.get(id(params[i]))
+        new = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and m is not None:
+                v = _shard_like(v, p, m)
+            elif torch.is_tensor(v) and v.dim() > 0 and _is_dtensor(p):
+                v = _shard_like(v, p)
+            new[k] = v
+        state[i] = new
+    optimizer.load_state_dict({'state': state, 'param_groups': osd['param_groups']})
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def apply_fsdp(model, mesh=None, reshard_after_forward=True, mp_policy=None):
+    """FSDP2: fully_shard every transformer Block, then the root (embeddings, tied lm_head, ln_f).
+    Parameters, gradients and optimizer state are sharded over `mesh` (default: all ranks);
+    gradients are reduce-scattered (averaged) by FSDP itself. Expert shards of an EP model are left
+    out (ignored_params): EP already shards them; reduce them with reduce_expert_gradients. Build
+    the optimizer after this call (it must see the sharded DTensor parameters)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    raw = unwrap(model)
+    ignored = set(expert_params(raw)) or None
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    if mp_policy is not None:
+        kw['mp_policy'] = mp_policy if isinstance(mp_policy, MixedPrecisionPolicy) else \
+            MixedPrecisionPolicy(param_dtype=mp_policy, reduce_dtype=torch.float32)
+    for block in raw.transformer.h:
+        fully_shard(block, **kw)
+    fully_shard(raw, **kw)
+    return model
+
+
+def all_to_all_bytes_per_layer(tokens_local, top_k, n_embd, bytes_per_elem, ep_size):
+    """Paper estimate of what one rank sends per MoE layer per training step: dispatch + combine in
+    forward, their two reverses in backward, each ~T_local*K*D*bytes*(N-1)/N (uniform routing, no
+    drops; the (N-1)/N share leaves the rank, the rest stays local)."""
+    one = tokens_local * top_k * n_embd * bytes_per_elem * (ep_size - 1) / ep_size
+    return {'dispatch': one, 'forward': 2 * one, 'backward': 2 * one, 'step': 4 * one}
+
+
+__all__ = ['EPGroups', 'init_expert_parallel', 'all_to_all', 'ExpertParallelExperts', 'enable_expert_parallel',
+           'expert_parallel_modules', 'expert_params', 'ddp_ignore_expert_params', 'reduce_expert_gradients',
+           'reduce_gradients', 'clip_grad_norm_', 'full_state_dict', 'load_full_state_dict',
+           'full_optim_state_dict', 'load_full_optim_state_dict', 'apply_fsdp', 'all_to_all_bytes_per_layer',
+           'unwrap']

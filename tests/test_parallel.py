@@ -1,0 +1,109 @@
+"""Expert parallelism, DDP with EP, FSDP2 (parallel.py) on 2 CPU processes with gloo.
+
+One torchrun launch (tests/parallel_worker.py) runs every check beside the single-process model on the
+same weights and global batch and records the measured differences; the tests below assert on them.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / 'tests' / 'parallel_worker.py'
+FP32_TOL = 1e-5  # relative, for one forward/backward in fp32
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp('parallel') / 'results.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(WORKER), str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and out.is_file(), f'torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
+    res = json.loads(out.read_text())
+    print(json.dumps({k: v for k, v in res.items() if k != 'train'}, indent=1))
+    return res
+
+
+def ok(res, name):
+    r = res[name]
+    assert 'error' not in r, f'{name} failed on a rank:\n{r["error"]}'
+    return r
+
+
+@pytest.mark.parametrize('name', ['ep_dropless', 'ep_capacity', 'ep_skewed', 'ep1_replicas'])
+def test_ep_forward_backward_equal_single_process(results, name):
+    r = ok(results, name)
+    assert r['logits_rel'] <= FP32_TOL, r
+    assert r['loss_abs'] <= FP32_TOL * r['loss'], r
+    assert r['grad_rel'] <= FP32_TOL, r  # every parameter; expert shards against their slice
+    assert r['n_params'] >= 20
+    assert r['counts_diff'] == 0  # same routing, same stats
+    if name == 'ep_capacity':
+        assert r['drop_frac'] > 0.05, 'capacity mode must actually drop rows here'
+        assert r['experts_per_rank'] == 4
+    else:
+        assert r['drop_frac'] == 0
+    if name == 'ep_skewed':  # experts 2, 3 (all of rank 1's) get nothing: zero-row all-to-all
+        assert r['counts'] == [[64.0, 64.0, 0.0, 0.0], [64.0, 64.0, 0.0, 0.0]]
+        assert r['idle_expert_grad_max'] == 0.0
+    if name == 'ep1_replicas':  # EP size 1 on 2 ranks: experts replicated, reduced over the replica group
+        assert r['experts_per_rank'] == 4
+
+
+def test_ep_training_run_matches_single_process(results):
+    r = ok(results, 'train')
+    assert len(r['ep_losses']) == 5
+    for a, b in zip(r['ep_losses'], r['ref_losses']):
+        assert math.isfinite(a) and abs(a - b) <= 1e-5, (r['ep_losses'], r['ref_losses'])
+    for a, b in zip(r['ep_norms'], r['ref_norms']):  # the global grad norm, shards included
+        assert abs(a - b) <= 1e-5 * b, (r['ep_norms'], r['ref_norms'])
+    assert max(r['ref_norms']) > 0.5, 'clipping (grad_clip=0.5) should engage in this run'
+    assert r['ref_losses'][0] != r['ref_losses'][-1]  # it trained
+    # AdamW normalises each element's step, so fp32 noise on tiny grads moves weights by up to ~lr*eps-ish
+    assert r['param_abs_after_train'] <= 1e-3, r['param_abs_after_train']
+
+
+def test_checkpoint_ep2_to_ep1_and_back(results):
+    r = ok(results, 'train')
+    assert r['keys_match'], 'full_state_dict must have the single-process keys and shapes'
+    assert r['ep2_to_1_logits_abs'] <= 1e-6 and r['ep1_to_2_logits_abs'] <= 1e-6, r
+    # model + AdamW moments resumed with the other EP size: the next steps are the same
+    assert r['ep2_to_1_resume_loss_abs'] <= 1e-5, r['resume_losses']
+    assert r['ep1_to_2_resume_loss_abs'] <= 1e-5, r['resume_losses']
+
+
+@pytest.mark.parametrize('mode', ['fsdp', 'fsdp_ep'])
+def test_fsdp2_trains_like_single_process(results, mode):
+    r = ok(results, 'fsdp')[mode]
+    assert all(math.isfinite(x) for x in r['losses'])
+    assert r['loss_abs'] <= 1e-5, (r['losses'], r['ref_losses'])
+    assert r['param_abs'] <= 1e-3
+    assert r['keys_match']
+    assert r['n_moments'] == 2 * 30  # exp_avg, exp_avg_sq of every parameter
+    assert r['optim_abs'] <= 1e-3  # gathered AdamW moments vs the single process's (same steps)
+    assert r['optim_roundtrip_abs'] == 0.0  # load_full_optim_state_dict(full) -> full_optim_state_dict
+    assert r['dtensor_params'] > 0  # really sharded by fully_shard
+    if mode == 'fsdp_ep':  # expert shards stay with EP (ignored by FSDP): 2 layers x 4 tensors
+        assert r['plain_params'] == 8
+    else:
+        assert r['plain_params'] == 0
+
+
+def test_clear_errors(results):
+    r = ok(results, 'errors')
+    assert 'n_experts=3 must be divisible by expert_parallel=2' in r['experts']
+    assert 'expert_parallel=3 must divide the world size (2)' in r['world']
+
+
+def test_all_to_all_volume_formula():
+    sys.path.insert(0, str(REPO))
+    from parallel import all_to_all_bytes_per_layer
+    v = all_to_all_bytes_per_layer(tokens_local=8 * 1024, top_k=2, n_embd=768, bytes_per_elem=2, ep_size=8)
+    assert v['dispatch'] == pytest.approx(8192 * 2 * 768 * 2 * 7 / 8)
+    assert v['step'] == 4 * v['dispatch']
+    assert all_to_all_bytes_per_layer(1000, 2, 64, 4, 1)['step'] == 0  # EP=1: nothing leaves the rank
