@@ -47,7 +47,8 @@ class MoEGPTConfig:
     top_k: int = 2
     moe_every: int = 1  # every N-th block (after moe_first_dense) is an MoE block
     moe_first_dense: int = 0  # the first K blocks stay dense
-    expert_hidden: Optional[int] = None  # hidden width of one expert; None = 4*n_embd
+    expert_hidden: Optional[int] = None  # hidden width of one expert; None = 4*n_embd // granularity
+    granularity: int = 1  # DeepSeekMoE's fine-grained split m: experts 1/m as wide (use m x n_experts, top_k)
     activation: str = 'gelu'  # gelu | gelu_tanh (GPT-2's) | relu | silu | swish | tanh | swiglu
     moe_dropout: Optional[float] = None  # dropout on the MoE output; None = use dropout
     capacity_factor: float = 0.0  # 0 = dropless; >0 = Switch capacity, overflow dropped
@@ -65,8 +66,10 @@ class MoEGPTConfig:
     balance_scope: str = 'micro_batch'  # aux loss over the micro_batch | each sequence | global (all ranks)
 
     def __post_init__(self):
+        if self.granularity < 1 or (4 * self.n_embd) % self.granularity:
+            raise ValueError(f'MoEGPTConfig.granularity={self.granularity!r} must be >= 1 and divide 4*n_embd={4 * self.n_embd}')
         if self.expert_hidden is None:
-            self.expert_hidden = 4 * self.n_embd
+            self.expert_hidden = 4 * self.n_embd // self.granularity
         if self.activation == 'swish':
             self.activation = 'silu'
         checks = [

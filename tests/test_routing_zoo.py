@@ -1,6 +1,8 @@
 """Issue 7: every router / expert design against a float64 reference, in the one dispatch path."""
+import json
 import os
 import socket
+import sys
 import warnings
 
 import pytest
@@ -297,3 +299,56 @@ def test_variant_trains_and_survives_checkpoint(name, tmp_path):
     assert torch.equal(model(idx, idx)[0], restored(idx, idx)[0])
     if name == 'sigmoid':
         assert restored.moe_layers()[0].router.expert_bias.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- configs + compare.py
+
+
+def zoo_model(name, **over):
+    """The model a zoo config builds on train.py's defaults (the baby GPT), as train.py would."""
+    import configurator
+    from conftest import REPO
+    defaults = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=False, n_experts=8, top_k=2)
+    ns = configurator._read_file(str(REPO / 'config' / f'{name}.py'))
+    args = {**defaults, **{k: v for k, v in ns.items() if k in MoEGPTConfig.field_names()}, **over}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return MoEGPT(MoEGPTConfig(vocab_size=65, **args))
+
+
+def test_zoo_configs_build_and_keep_active_flops():
+    import compare
+    dense = zoo_model('dense', expert_hidden=2 * 4 * 384)  # dense of equal active FLOPs to top-2
+    target = dense.get_num_params().active
+    for name in compare.ZOO:
+        model = zoo_model(name)
+        active = model.get_num_params().active
+        routers = sum(p.numel() for moe in model.moe_layers() for p in moe.router.parameters())  # gate (+ noise)
+        if name in ('dense', 'switch_top1'):
+            continue  # the 1x-FFN baseline and top-1 Switch: different active FLOPs by design
+        assert active - routers == target, name  # same active expert FLOPs as top-2
+    # granularity follows a later --n_embd override (the CPU recipe)
+    assert zoo_model('fine_grained', n_embd=128, n_head=4).config.expert_hidden == 128
+
+
+def test_compare_reads_logs_and_tabulates(tmp_path, capsys, monkeypatch):
+    import compare
+    for name, ces, ms in (('dense', [4.0, 3.0, 2.5], 10.0), ('moe', [4.0, 2.8, 2.6], 20.0)):
+        d = tmp_path / name
+        d.mkdir()
+        layers = [] if name == 'dense' else [{'max_over_mean': 1.5, 'drop_frac': 0.1}, {'max_over_mean': 2.0, 'drop_frac': 0.0}]
+        recs = []
+        for i, ce in enumerate(ces):
+            recs.append({'type': 'eval', 'iter': 10 * i, 'val_ce': ce, 'layers': layers})
+            if i < 2:
+                recs.append({'type': 'train', 'iter': 10 * i + 5, 'iters': 10, 'ms_per_iter': ms, 'layers': layers})
+        (d / 'log.jsonl').write_text('\n'.join(map(json.dumps, recs)) + '\n{"torn')
+    monkeypatch.setattr(sys, 'argv', ['compare.py', str(tmp_path / 'dense'), str(tmp_path / 'moe'),
+                                      '--plot', str(tmp_path / 'c.png')])
+    compare.main()
+    out = capsys.readouterr().out
+    assert '| dense | 20 | 2.5000 | 2.5000 | 10.0 | 1.00x | - | - |' in out
+    assert '| moe | 20 | 2.6000 | 2.6000 | 20.0 | 2.00x | 2.00 | 5.0 |' in out
+    assert (tmp_path / 'c.png').stat().st_size > 10000
+    evals, _ = compare.read_run(str(tmp_path / 'moe'))
+    assert [round(e[1], 3) for e in evals] == [0.0, 0.2, 0.4]  # wall-clock: 10 iters x 20 ms per interval
