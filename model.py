@@ -565,7 +565,9 @@ class MoEGPT(nn.Module):
             total -= self.transformer.wpe.weight.numel()
         inactive = 0
         for moe in self.moe_layers():
-            per_expert = sum(p.numel() for p in moe.experts.parameters()) // moe.n_experts
+            n_local = moe.experts.w1_EDF.shape[0]  # < n_experts under expert parallelism (parallel.py)
+            per_expert = sum(p.numel() for p in moe.experts.parameters()) // n_local
+            total += (moe.n_experts - n_local) * per_expert  # the experts held by other ranks
             inactive += round((moe.n_experts - moe.active_experts) * per_expert)
         return ParamCount(total=total, active=total - inactive)
 
