@@ -8,7 +8,7 @@ plain Python values (the configs are dicts of ints/floats/strs), so loading one 
 """
 import os
 import random
-import tempfile
+import uuid
 
 import numpy as np
 import torch
@@ -24,9 +24,11 @@ class CheckpointError(Exception):
 def save(obj, path):
     """torch.save obj to path atomically (temp file in the same dir + fsync + rename)."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    # a unique temp name beside the target (same filesystem, so the rename is atomic); opened with
+    # 'xb' rather than mkstemp so the file gets the umask's permissions, like torch.save's
+    tmp = os.path.join(d, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp, 'xb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

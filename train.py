@@ -159,6 +159,8 @@ if ddp and device_type == 'cuda':
     device = f'cuda:{local_rank}'
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+check(dtype != 'bfloat16' or device_type != 'cuda' or torch.cuda.is_bf16_supported(),
+      "dtype='bfloat16' is not supported by this GPU; use 'float16' (or 'auto')")
 check(dtype != 'float16' or device_type == 'cuda',
       f"dtype='float16' trains with a CUDA GradScaler; on {device_type} use 'bfloat16' or 'float32'")
 if compile == 'auto':
@@ -341,7 +343,7 @@ def reduce_acc(acc):
                       acc['aux'].view(1), acc['z'].view(1), acc['drop'], acc['entropy'], acc['counts'].flatten()])
     if ddp:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat = flat.double().cpu()
+    flat = flat.cpu().double()  # (MPS has no float64)
     n = max(flat[0].item(), 1.0)
     out = {'ce': flat[1].item() / n, 'aux': flat[2].item() / n, 'z': flat[3].item() / n}
     out['loss'] = out['ce'] + aux_loss_coef * out['aux'] + z_loss_coef * out['z']
@@ -478,17 +480,24 @@ def wandb_layers(prefix, layers):
     return d
 
 
-# usage history for the heatmap's evolution panel: earlier evals of this out_dir (resume)
-usage_history = []
-if init_from == 'resume' and os.path.isfile(os.path.join(out_dir, 'log.jsonl')):
-    with open(os.path.join(out_dir, 'log.jsonl')) as _f:
+# on resume, log.jsonl keeps only the history up to the checkpoint (a crashed run may have logged
+# past it), and its evals feed the heatmap's evolution panel
+usage_history, _log_path = [], os.path.join(out_dir, 'log.jsonl')
+if init_from == 'resume' and master_process and os.path.isfile(_log_path):
+    _kept = []
+    with open(_log_path) as _f:
         for _line in _f:
             try:
                 _r = json.loads(_line)
-                if _r.get('type') == 'eval' and _r['iter'] <= iter_num and len(_r['layers']) == n_moe:
-                    usage_history.append((_r['iter'], np.array([l['frac'] for l in _r['layers']])))
+                if _r['iter'] < iter_num or (_r['type'] == 'eval' and _r['iter'] == iter_num):
+                    _kept.append(_line if _line.endswith('\n') else _line + '\n')
+                    if _r['type'] == 'eval' and len(_r['layers']) == n_moe and n_moe:
+                        usage_history.append((_r['iter'], np.array([l['frac'] for l in _r['layers']])))
             except (ValueError, KeyError, TypeError):
-                pass  # a torn last line from a crash: skip it
+                pass  # a torn last line from a crash: drop it
+    with open(_log_path + '.tmp', 'w') as _f:
+        _f.writelines(_kept)
+    os.replace(_log_path + '.tmp', _log_path)
 if wandb_log and master_process:
     import wandb  # only imported when asked for
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -525,9 +534,8 @@ while True:
                 usage_history.append((iter_num, np.array([l['frac'] for l in va['layers']])))
                 plot_expert_usage(usage_history, os.path.join(out_dir, 'expert_usage.png'))
             if wandb_log:
-                d = {k: v for k, v in rec.items() if k not in ('type', 'iter', 'layers', 'lr')}
-                d = {('val/' if k.startswith('val') else 'train/' if k.startswith('train') else '') + k: v
-                     for k, v in d.items()}
+                d = {**{f'val/{k}': va[k] for k in ('ce', 'aux', 'z', 'loss')},
+                     **{f'eval_train/{k}': tr[k] for k in ('ce', 'aux', 'z', 'loss')}, 'val/best_ce': best_val_loss}
                 d.update(wandb_layers('val_moe', va['layers']))
                 if n_moe:
                     d['val_moe/expert_usage'] = wandb.Image(os.path.join(out_dir, 'expert_usage.png'))

@@ -121,6 +121,8 @@ def test_resume_continues_at_right_iter_and_matches(char_data, tmp_path):
     ok(train([*common, f'--out_dir={a}', '--max_iters=8']))
     ok(train([*common, f'--out_dir={b}', '--max_iters=4']))
     assert checkpoint.load(b / 'ckpt.pt')['iter_num'] == 4
+    with open(b / 'log.jsonl', 'a') as f:  # a crashed run logged past its checkpoint, then tore a line
+        f.write(json.dumps({'type': 'train', 'iter': 5, 'loss': 0.0, 'layers': []}) + '\n{"type": "tr')
     r = ok(train([*common, f'--out_dir={b}', '--max_iters=8', '--init_from=resume']))
     assert 'resumed from' in r.stdout and 'at iter 4' in r.stdout
     tb = records(b, 'train')
@@ -252,7 +254,8 @@ def test_wandb_offline_writes_a_run(char_data, tmp_path):
     runs = glob.glob(str(wdir / 'wandb' / 'offline-run-*'))
     assert len(runs) == 1, os.listdir(wdir)
     data = b''.join(Path(p).read_bytes() for p in glob.glob(runs[0] + '/*.wandb'))
-    for key in (b'train/ce', b'moe/max_over_mean', b'moe/L1/load_hist', b'val/val_ce', b'expert_usage'):
+    for key in (b'train/ce', b'moe/max_over_mean', b'moe/L1/load_hist', b'val/ce', b'eval_train/ce',
+                b'expert_usage'):
         assert key in data, key
 
 
@@ -305,3 +308,32 @@ def test_sigmoid_router_gets_aux_free_bias_updates(char_data, tmp_path):
     assert len(biases) == 2
     for b in biases:  # 3 steps of +-0.01 (0 on exact ties): it moved, by at most 0.03
         assert b.abs().max() > 0 and b.abs().max() <= 0.03 + 1e-6
+
+
+def test_checkpoint_save_is_atomic_and_load_is_safe(tmp_path):
+    p = tmp_path / 'ckpt.pt'
+    good = {'format_version': 1, 'model': {'w': torch.ones(3)}, 'model_args': {'n_layer': 1}}
+    checkpoint.save(good, p)
+
+    class Unpicklable:  # fails in the middle of torch.save
+        def __reduce__(self):
+            raise RuntimeError('boom')
+
+    with pytest.raises(RuntimeError, match='boom'):
+        checkpoint.save({**good, 'model': {'w': torch.zeros(3)}, 'x': Unpicklable()}, p)
+    assert torch.equal(checkpoint.load(p)['model']['w'], torch.ones(3))  # the previous one survived
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # and no temp file is left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # permissions like torch.save's
+
+    class Evil:  # a pickle that runs code when loaded: weights_only refuses it
+        def __reduce__(self):
+            return (os.system, ('echo pwned',))
+
+    torch.save({**good, 'x': Evil()}, tmp_path / 'evil.pt')
+    with pytest.raises(checkpoint.CheckpointError, match='cannot read checkpoint'):
+        checkpoint.load(tmp_path / 'evil.pt')
+    torch.save({**good, 'format_version': 99}, tmp_path / 'future.pt')
+    with pytest.raises(checkpoint.CheckpointError, match='format_version=99'):
+        checkpoint.load(tmp_path / 'future.pt')
