@@ -5,7 +5,8 @@ Everything is measured in ONE process, on the SAME inputs and the SAME weights, 
 repeats interleaved (A B C, B C A, ...) and the median taken, and everything is reported as RATIOS:
 absolute times drift on a shared machine, ratios taken this way mostly don't.
 
-  python bench.py                        # CPU fp32, sizes scaled down for a CPU (about 5 minutes)
+  python bench.py                        # CPU fp32, sizes scaled down for a CPU (about 5-7 minutes)
+  python bench.py --threads 1            # the README's CPU table (small CPU shared with other jobs)
   python bench.py --quick                # CI smoke: tiny sizes, seconds, correctness checks included
   python bench.py --device cuda --compile   # GPU: bf16, GPT-2-small sized model step, torch.compile
   python bench.py --balanced --json      # uniform routing (kernel speed without load skew), JSON out
@@ -323,7 +324,7 @@ def check_layer_variants(D, E, K, H, T, device, dtype, balanced):
 
 # ----------------------------------------------------------------------------- 1. layer bench
 
-def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_):
+def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, budget_gib=None):
     E, K, hidden_fn = MOE_SHAPES[shape_name]
     H = hidden_fn(D)
     layer = make_layer(D, E, K, H, device, dtype, balanced=balanced)
@@ -343,7 +344,7 @@ def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_):
         'dense': lambda: fwd_bwd(dense, x, g, dp),
     }
     need = onehot_bytes(T, E, K, CAPACITY_FACTOR, x.element_size())
-    budget = free_memory_bytes(device) / 2
+    budget = budget_gib * 2**30 if budget_gib else free_memory_bytes(device) / 2
     onehot_note = None
     if need <= budget:
         fns['onehot'] = lambda: fwd_bwd(lambda v: onehot_dispatch_moe(layer, v), x, g, lp)
@@ -657,6 +658,9 @@ def parse_args(argv=None):
                    help='torch.set_num_threads (default: torch\'s own). On a small CPU shared with other '
                         'jobs use 1: with 2+ OpenMP threads every parallel op waits at a barrier for a '
                         'descheduled thread, which turns a 1 ms matmul into a 16 ms one (measured here)')
+    p.add_argument('--onehot-budget-gib', type=float, default=None,
+                   help='memory the one-hot baseline may use (default: half of free RAM / GPU memory); '
+                        'sizes whose estimate exceeds it are reported as OOM instead of run')
     p.add_argument('--skip', default='', help='comma list of sections to skip: layer,model,memory,sampling,compile')
     p.add_argument('--_mem-child', default=None, help=argparse.SUPPRESS)
     p.add_argument('--mcfg', default=None, help=argparse.SUPPRESS)
@@ -708,7 +712,7 @@ def main(argv=None):
                 for T in tokens:
                     log(f'layer D={D} {name} T={T} ...')
                     res['layer'].append(bench_layer(D, name, T, device, dtype, repeats, args.balanced,
-                                                    args.compile))
+                                                    args.compile, args.onehot_budget_gib))
     res['model'] = []
     if 'model' not in skip:
         log('model step ...')
