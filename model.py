@@ -322,32 +322,43 @@ class GroupedExperts(nn.Module):
         w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
         if self.use_grouped(x_ND):
             offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+            # Biases: gathered with index_select (backward: index_add_, not a serial accumulating
+            # index_put_) and added in place (grouped_mm does not keep its output for backward).
             h_NF = F.grouped_mm(x_ND, w1_EDF, offs=offs_E)
             if self.b1_EF is not None:
-                h_NF = h_NF + self.b1_EF.to(dt)[expert_ids_N]
+                h_NF += self.b1_EF.to(dt).index_select(0, expert_ids_N)
             h_NH = activation_fn(self.activation, h_NF)
             if kept_N1 is not None:
                 h_NH = torch.where(kept_N1, h_NH, 0)
             y_ND = F.grouped_mm(h_NH, w2_EHD, offs=offs_E)
+            if self.b2_ED is not None:
+                y_ND += self.b2_ED.to(dt).index_select(0, expert_ids_N)
         else:
             y_ND = self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, w2_EHD)
-        if self.b2_ED is not None:
-            y_ND = y_ND + self.b2_ED.to(dt)[expert_ids_N]
         return y_ND
 
     def forward_loop(self, x_ND, counts, w1_EDF, w2_EHD):
-        """Reference / fallback: one plain matmul per expert on its contiguous slice."""
-        ys, start = [], 0
+        """Reference / fallback: one plain matmul per expert on its contiguous slice (biases per
+        slice). split / unbind, not x[a:b] / w[e]: each slice or select would get a full-size zero
+        gradient in backward (SliceBackward / SelectBackward), O(E) full-size fills and adds;
+        split's and unbind's backward is a single cat / stack."""
+        dt = x_ND.dtype
+        w1s, w2s = w1_EDF.unbind(0), w2_EHD.unbind(0)
+        b1s = self.b1_EF.to(dt).unbind(0) if self.b1_EF is not None else None
+        b2s = self.b2_ED.to(dt).unbind(0) if self.b2_ED is not None else None
+        kept = sum(counts)
+        xs = x_ND.split(list(counts) + [x_ND.shape[0] - kept])
+        ys = []
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            h = x_ND[start:start + n] @ w1_EDF[e]
-            if self.b1_EF is not None:
-                h = h + self.b1_EF[e].to(h.dtype)
-            ys.append(activation_fn(self.activation, h) @ w2_EHD[e])
-            start += n
-        if start < x_ND.shape[0]:  # rows of dropped assignments (capacity mode): zeros
-            ys.append(x_ND.new_zeros(x_ND.shape[0] - start, w2_EHD.shape[-1]))
+            h = xs[e] @ w1s[e]
+            if b1s is not None:
+                h = h + b1s[e]
+            y = activation_fn(self.activation, h) @ w2s[e]
+            ys.append(y + b2s[e] if b2s is not None else y)
+        if kept < x_ND.shape[0]:  # rows of dropped assignments (capacity mode): zeros
+            ys.append(x_ND.new_zeros(x_ND.shape[0] - kept, w2_EHD.shape[-1]))
         return torch.cat(ys) if ys else x_ND.new_zeros(0, w2_EHD.shape[-1])
 
 
