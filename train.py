@@ -10,6 +10,9 @@ DDP on 2 CPU processes (gloo):
 $ torchrun --standalone --nproc_per_node=2 train.py config/moe_8e_cpu.py
 DDP on 2 nodes of 8 GPUs (run on node 0, then on node 1 with --node_rank=1):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 train.py config/moe_owt.py
+Expert parallelism (experts split over 8 GPUs, the rest data-parallel) and/or FSDP2 (README: Beyond one GPU):
+$ torchrun --standalone --nproc_per_node=8 train.py config/moe_owt.py --expert_parallel=8
+$ torchrun --standalone --nproc_per_node=8 train.py config/moe_owt.py --fsdp=True
 
 Config: the defaults below, then config files and --key=value overrides in the order given
 (python train.py --help lists every key). Everything is checked before any work starts.
@@ -79,8 +82,10 @@ min_lr = 1e-4
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = 'auto'  # 'auto' = cuda, else mps, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA if supported, else float16 (GradScaler); float32 elsewhere
-compile = 'auto'  # torch.compile; 'auto' = on for CUDA only
+compile = 'auto'  # torch.compile; 'auto' = on for CUDA only (off with expert_parallel > 1 or fsdp)
 seed = 1337
+expert_parallel = 1  # split each MoE layer's experts over this many ranks (parallel.py); divides world size
+fsdp = False  # FSDP2 (fully_shard per block): shard parameters, gradients and AdamW state over all ranks
 mfu_peak_flops = 312e12  # peak FLOP/s MFU is measured against (A100 bf16; H100 SXM ~989e12)
 # MoE logging
 dead_expert_threshold = 0.1  # an expert is dead when its load over a log interval < this x uniform
@@ -147,6 +152,13 @@ check(gradient_accumulation_steps % world_size == 0,
       f'gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of '
       f'processes ({world_size}): each one runs gradient_accumulation_steps/{world_size} micro-steps')
 ga_local = gradient_accumulation_steps // world_size
+check(expert_parallel >= 1 and world_size % expert_parallel == 0,
+      f'expert_parallel={expert_parallel} must be >= 1 and divide the number of processes ({world_size})')
+check(expert_parallel == 1 or (n_experts > 1 and n_experts % expert_parallel == 0),
+      f'expert_parallel={expert_parallel} must divide n_experts={n_experts}')
+check(fsdp in (True, False), f'fsdp={fsdp!r} must be True or False')
+check(not fsdp or ddp, 'fsdp=True needs several processes: launch with torchrun')
+sharded = expert_parallel > 1 or fsdp  # state is split over ranks: gather on save, shard on load
 
 # device, dtype, compile, backend: 'auto' follows the device
 _has_mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
@@ -164,7 +176,10 @@ check(dtype != 'bfloat16' or device_type != 'cuda' or torch.cuda.is_bf16_support
 check(dtype != 'float16' or device_type == 'cuda',
       f"dtype='float16' trains with a CUDA GradScaler; on {device_type} use 'bfloat16' or 'float32'")
 if compile == 'auto':
-    compile = device_type == 'cuda'
+    compile = device_type == 'cuda' and not sharded  # untested with EP's all-to-all and FSDP hooks
+check(not (expert_parallel > 1 and dtype == 'float16'),
+      "expert_parallel with dtype='float16': each rank's GradScaler would see only its own experts' "
+      "overflows and skip steps on its own; use 'bfloat16' or 'float32'")
 if backend == 'auto':
     backend = 'nccl' if device_type == 'cuda' else 'gloo'
 check(backend != 'nccl' or device_type == 'cuda', "backend='nccl' needs CUDA; use backend='gloo' on CPU")
@@ -241,6 +256,8 @@ if ddp:
     if device_type == 'cuda':
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
+    import parallel
+    ep_groups = parallel.init_expert_parallel(expert_parallel) if expert_parallel > 1 else None
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     print('config (resolved):')
@@ -281,7 +298,12 @@ def next_iter_starts():
 
 
 # model
-model = MoEGPT(gptconf)
+if sharded:  # every rank builds the same full model, then keeps its own shards of it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MoEGPT(gptconf)
+else:
+    model = MoEGPT(gptconf)
 moe_layer_ids = [i for i in range(n_layer) if gptconf.is_moe_layer(i)]  # block index of each MoE layer
 n_moe, E = len(moe_layer_ids), n_experts
 aux_free = n_moe > 0 and router == 'sigmoid'  # DeepSeek-V3 balancing: expert_bias follows each step's load
@@ -295,10 +317,18 @@ if master_process:
     print(f'model: {params.total / 1e6:.2f}M parameters, {params.active / 1e6:.2f}M active per token; '
           f'{n_moe} MoE layers x {E} experts, top-{top_k}; device {device}, dtype {dtype}, compile {compile}')
 
+if expert_parallel > 1:
+    parallel.enable_expert_parallel(model, ep_groups)  # slices the full (loaded) experts
+if fsdp:
+    parallel.apply_fsdp(model)  # the optimizer must see the sharded parameters
+
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
+    if sharded:  # the checkpoint holds the full optimizer state, whatever N it was saved with
+        parallel.load_full_optim_state_dict(model, optimizer, ckpt['optimizer'])
+    else:
+        optimizer.load_state_dict(ckpt['optimizer'])
     if scaler.is_enabled() and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     data_gen.set_state(ckpt['sampler_state'])
@@ -313,7 +343,9 @@ if compile:
     print('compiling the model... (takes a ~minute)') if master_process else None
     model = torch.compile(model)
 eval_model = model  # compiled if compile, never DDP-wrapped (eval needs no gradient sync)
-if ddp:
+if ddp and not fsdp:  # FSDP reduces its own gradients
+    if expert_parallel > 1:  # expert shards: reduced by parallel.reduce_expert_gradients, not DDP
+        parallel.ddp_ignore_expert_params(model)
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 # ----------------------------------------------------------------------------- stats helpers
@@ -521,6 +553,13 @@ while True:
         tr, va = losses['train'], losses['val']
         improved = va['ce'] < best_val_loss
         best_val_loss = min(best_val_loss, va['ce'])
+        save_now = not eval_only and iter_num > 0 and (improved or always_save_checkpoint)  # same on all ranks
+        if save_now and sharded:  # collective: every rank sends its shards, the full model comes back
+            full_model_sd = parallel.full_state_dict(raw_model)
+            full_optim_sd = parallel.full_optim_state_dict(raw_model, optimizer)
+        elif save_now and master_process:
+            full_model_sd = checkpoint.strip_compile_prefix(raw_model.state_dict())
+            full_optim_sd = optimizer.state_dict()
         if master_process:
             print(f"step {iter_num}: train CE {tr['ce']:.4f}, val CE {va['ce']:.4f} "
                   f"(val aux {va['aux']:.4f}, z {va['z']:.4f}){moe_summary(va['layers'])}")
@@ -540,12 +579,12 @@ while True:
                 if n_moe:
                     d['val_moe/expert_usage'] = wandb.Image(os.path.join(out_dir, 'expert_usage.png'))
                 wandb.log(d, step=iter_num)
-            if not eval_only and iter_num > 0 and (improved or always_save_checkpoint):
+            if save_now:
                 print(f'saving checkpoint to {ckpt_path}')
                 checkpoint.save({
                     'format_version': checkpoint.FORMAT_VERSION,
-                    'model': checkpoint.strip_compile_prefix(raw_model.state_dict()),
-                    'optimizer': optimizer.state_dict(),
+                    'model': full_model_sd,
+                    'optimizer': full_optim_sd,
                     'scaler': scaler.state_dict(),
                     'model_args': model_args,
                     'config': config,
@@ -562,7 +601,9 @@ while True:
     # one optimizer step: gradient_accumulation_steps micro-steps over all processes
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     for micro_step in range(ga_local):
-        if ddp:  # sync gradients only on the last micro-step (nanoGPT's no_sync equivalent)
+        if fsdp:  # FSDP2's no_sync: reduce-scatter only on the last micro-step
+            model.set_requires_gradient_sync(micro_step == ga_local - 1)
+        elif ddp:  # sync gradients only on the last micro-step (nanoGPT's no_sync equivalent)
             model.require_backward_grad_sync = micro_step == ga_local - 1
         with ctx:
             _, loss, stats = model(X, Y)  # loss = CE + aux_loss_coef*aux + z_loss_coef*z
@@ -577,9 +618,14 @@ while True:
             rows = next_iter_starts()
             X, Y = get_batch('train', rows[0])
         scaler.scale(loss).backward()
+    if expert_parallel > 1:  # sum over the replicas of each shard / world size = the mean-loss gradient
+        parallel.reduce_expert_gradients(raw_model)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if sharded:  # the global norm over all shards, the same clip factor on every rank
+            grad_norm = parallel.clip_grad_norm_(raw_model, grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
