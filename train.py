@@ -46,7 +46,9 @@ log_interval = 10
 eval_iters = 200  # batches per split (per process) for each eval
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val CE improves
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub)
+# or 'gpt2:PATH' (a save_pretrained dir); with n_experts > 1 the dense GPT-2 is sparsely upcycled
+upcycle_noise = 0.0  # init_from=gpt2 with experts: Gaussian noise (x weight std) on each expert's copy
 # wandb logging
 wandb_log = False
 wandb_project = 'moe-gpt'
@@ -126,7 +128,9 @@ except configurator.ConfigError as e:
 globals().update(_config)
 
 # ----------------------------------------------------------------------------- validate (before any work)
-check(init_from in ('scratch', 'resume'), f"init_from={init_from!r} must be 'scratch' or 'resume'")
+check(init_from in ('scratch', 'resume') or init_from.startswith('gpt2'),
+      f"init_from={init_from!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...) or 'gpt2:PATH'")
+check(upcycle_noise >= 0, f'upcycle_noise={upcycle_noise} must be >= 0')
 check(dtype in ('auto', 'float32', 'bfloat16', 'float16'),
       f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
 check(compile in (True, False, 'auto'), f"compile={compile!r} must be True, False or 'auto'")
@@ -210,6 +214,23 @@ for _split in ('train', 'val'):
     check(n_tokens[_split] > block_size,
           f"block_size={block_size} is too long for the {_split} split of '{dataset}' ({n_tokens[_split]} "
           f'tokens; a window needs block_size+1)')
+
+# GPT-2 start: its shape comes from the checkpoint; the other model keys are overrides (n_experts,
+# top_k, router, dropout, block_size, ...). With n_experts > 1 from_pretrained upcycles (model.py).
+pretrained = None
+if init_from.startswith('gpt2'):
+    check(meta.get('tokenizer') == 'gpt2', f"init_from={init_from!r} needs a GPT-2 BPE dataset, not '{dataset}' "
+                                           f"({meta.get('tokenizer')}); e.g. python prepare.py shakespeare")
+    _fixed = {'n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'activation', 'expert_hidden', 'granularity'}
+    try:
+        with torch.random.fork_rng(devices=[]):  # the same upcycle noise on every process
+            torch.manual_seed(seed)
+            pretrained = MoEGPT.from_pretrained(
+                init_from[5:] if init_from.startswith('gpt2:') else init_from, upcycle_noise=upcycle_noise,
+                **{k: globals()[k] for k in MoEGPTConfig.field_names() if k not in _fixed})
+    except Exception as e:  # no transformers, no network, no such directory, a bad override
+        die(f'init_from={init_from!r}: cannot load GPT-2 weights: {type(e).__name__}: {str(e).splitlines()[0]}')
+    globals().update({k: getattr(pretrained.config, k) for k in _fixed})
 
 # model config: MoEGPTConfig validates its own fields (top_k <= n_experts, n_embd % n_head, ...)
 if vocab_size is None:  # GPU matmuls like multiples of 64 (50257 -> 50304); small char vocabs stay as is
@@ -298,7 +319,9 @@ def next_iter_starts():
 
 
 # model
-if sharded:  # every rank builds the same full model, then keeps its own shards of it
+if pretrained is not None:
+    model = pretrained
+elif sharded:  # every rank builds the same full model, then keeps its own shards of it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MoEGPT(gptconf)

@@ -1,4 +1,6 @@
 """Issue 5: KV-cache generation, GPT-2 loading + sparse upcycling, and sample.py end to end."""
+import json
+import math
 import re
 import subprocess
 import sys
@@ -232,3 +234,31 @@ def test_sample_bad_input_says_what_is_wrong(case, trained_out_dir, tmp_path):
     r = run('sample.py', f'--out_dir={out}', *args)
     assert r.returncode != 0
     assert expect in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_train_init_from_gpt2_dense_and_upcycled(tmp_path, gpt2_offline, tinyshakespeare, shakespeare_char_dir):
+    """train.py init_from='gpt2:PATH': the dense finetune and the 4-expert upcycle start from the same
+    function, so their step-0 val CE (same batches) agree; then the upcycled model trains."""
+    transformers = pytest.importorskip('transformers')
+    from prepare import prepare
+    prepare('shakespeare', data_dir=tmp_path / 'data', input=tinyshakespeare)  # GPT-2 BPE, offline cache
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0,
+                                  embd_pdrop=0, attn_pdrop=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / 'gpt2')
+    common = [f'--init_from=gpt2:{tmp_path / "gpt2"}', '--dataset=shakespeare', f'--data_dir={tmp_path / "data"}',
+              '--device=cpu', '--compile=False', '--block_size=32', '--batch_size=4', '--eval_iters=3',
+              '--eval_interval=5', '--log_interval=1', '--warmup_iters=0', '--decay_lr=False']
+    val_ce = {}
+    for name, extra in (('dense', ['--n_experts=1', '--max_iters=0']),
+                        ('moe', ['--n_experts=4', '--top_k=2', '--max_iters=3'])):
+        r = run('train.py', *common, *extra, f'--out_dir={tmp_path / name}')
+        assert r.returncode == 0, r.stderr[-2000:]
+        recs = [json.loads(line) for line in (tmp_path / name / 'log.jsonl').read_text().splitlines()]
+        val_ce[name] = [rec['val_ce'] for rec in recs if rec['type'] == 'eval']
+        if name == 'moe':
+            assert '4 experts' in r.stdout or 'x 4 experts' in r.stdout
+            assert all(math.isfinite(rec['ce']) for rec in recs if rec['type'] == 'train')
+    assert abs(val_ce['dense'][0] - val_ce['moe'][0]) < 1e-5, val_ce
+    r = run('train.py', '--init_from=gpt2', '--device=cpu', f'--data_dir={shakespeare_char_dir}')  # char data
+    assert r.returncode != 0 and 'needs a GPT-2 BPE dataset' in r.stderr
