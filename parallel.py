@@ -376,45 +376,38 @@ def _optim_params(optimizer):
     return [p for g in optimizer.param_groups for p in g['params']]
 
 
+def _map_optim_state(model, optimizer, state, fn):
+    """{param index: {key: value}} with fn(tensor, param, its EP experts module or None) applied to
+    every per-parameter tensor (AdamW's moments; the scalar step count stays as is)."""
+    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
+    params = _optim_params(optimizer)
+    return {i: {k: fn(v, params[i], owner.get(id(params[i]))) if torch.is_tensor(v) and v.dim() > 0 else v
+                for k, v in st.items()} for i, st in state.items()}
+
+
 def full_optim_state_dict(model, optimizer):
     """optimizer.state_dict() with the per-parameter state (AdamW's exp_avg, exp_avg_sq) of expert
     shards gathered to full experts and FSDP DTensors made full: it loads into the single-process
     optimizer (same parameter order) or any other EP size. Collective."""
-    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
+    def gather(v, p, m):
+        if v.shape != p.shape:
+            return v
+        v = _full(v)
+        return _gather_experts(v, m) if m is not None else v
     osd = optimizer.state_dict()
-    params = _optim_params(optimizer)
-    state = {}
-    for i, st in osd['state'].items():
-        p, m = params[i], owner.get(id(params[i]))
-        new = {}
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape:
-                v = _full(v)
-                if m is not None:
-                    v = _gather_experts(v, m)
-            new[k] = v
-        state[i] = new
-    return {'state': state, 'param_groups': osd['param_groups']}
+    return {'state': _map_optim_state(model, optimizer, osd['state'], gather), 'param_groups': osd['param_groups']}
 
 
 def load_full_optim_state_dict(model, optimizer, osd):
     """Load a full optimizer state_dict (from full_optim_state_dict or a single-process run) into
     this rank's optimizer: expert moments sliced to the local shard, FSDP ones to the local DTensor
     shard."""
-    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
-    params = _optim_params(optimizer)
-    state = {}
-    for i, st in osd['state'].items():
-        p, m = params[i], owner.get(id(params[i]))
-        new = {}
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0 and m is not None:
-                v = _shard_like(v, p, m)
-            elif torch.is_tensor(v) and v.dim() > 0 and _is_dtensor(p):
-                v = _shard_like(v, p)
-            new[k] = v
-        state[i] = new
-    optimizer.load_state_dict({'state': state, 'param_groups': osd['param_groups']})
+    def shard(v, p, m):
+        if m is not None:
+            return _shard_like(v, p, m)
+        return _shard_like(v, p) if _is_dtensor(p) else v
+    optimizer.load_state_dict({'state': _map_optim_state(model, optimizer, osd['state'], shard),
+                               'param_groups': osd['param_groups']})
 
 
 # ----------------------------------------------------------------------------- FSDP2
