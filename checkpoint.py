@@ -5,9 +5,19 @@ Saving is atomic: the checkpoint is written to a temp file in the same directory
 renamed over the target (os.replace is atomic on POSIX), so a crash mid-save leaves the previous
 checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint holds only tensors and
 plain Python values (the configs are dicts of ints/floats/strs), so loading one cannot run code.
+
+A run killed mid-save leaves a temp file `.ckpt.pt.<pid>.<hex>.tmp` beside the checkpoint; it is
+never read as a checkpoint (only ckpt.pt is), and train.py deletes such leftovers when it starts.
+Test-only hook: MOEGPT_TEST_SAVE_DELAY=seconds sleeps after the temp file is complete, before the
+rename, so a test can kill -9 the process in the middle of a save (unset: no cost).
 """
+import glob
 import os
+import pickle
 import random
+import re
+import shutil
+import time
 import uuid
 
 import numpy as np
@@ -15,6 +25,7 @@ import torch
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('format_version', 'model', 'model_args')
+TEMP_GLOB = '.*.pt.*.tmp'  # what an interrupted save() or keep_history() leaves behind
 
 
 class CheckpointError(Exception):
@@ -32,6 +43,8 @@ def save(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get('MOEGPT_TEST_SAVE_DELAY'):  # test hook: a window to kill -9 a save in
+            time.sleep(float(os.environ['MOEGPT_TEST_SAVE_DELAY']))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -49,6 +62,35 @@ def save(obj, path):
         pass  # some filesystems refuse fsync on a directory; the data itself is already synced
 
 
+def keep_history(path, iter_num, keep_last):
+    """keep_last > 1: also keep the checkpoint just saved at path as <name>-<iter>.pt and delete all
+    but the keep_last highest-iter ones. A hard link: no extra disk, and safe because no one writes a
+    checkpoint in place (save() always renames a new file over the name). keep_last=1: nothing to do,
+    and ckpt-*.pt files of earlier runs are left alone."""
+    if keep_last <= 1:
+        return
+    d, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(d, f'.{stem}-{iter_num}{ext}.{os.getpid()}.tmp')
+    try:
+        os.link(path, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, os.path.join(d, f'{stem}-{iter_num}{ext}'))
+    pattern = re.compile(re.escape(stem) + r'-(\d+)' + re.escape(ext))
+    kept = sorted((int(m.group(1)), f) for f in os.listdir(d) if (m := pattern.fullmatch(f)))
+    for _, f in kept[:-keep_last]:
+        os.remove(os.path.join(d, f))
+
+
+def remove_stale_temps(out_dir):
+    """Delete the temp files of saves that were killed before their rename; returns their paths."""
+    stale = sorted(glob.glob(os.path.join(out_dir, TEMP_GLOB)))
+    for f in stale:
+        os.remove(f)
+    return stale
+
+
 def load(path, map_location='cpu'):
     """Load and sanity-check a checkpoint dict; any failure becomes a CheckpointError."""
     if not os.path.isfile(path):
@@ -56,7 +98,17 @@ def load(path, map_location='cpu'):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [''])[0][:200]
+        found = re.search(r'GLOBAL (\S+)', str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # weights_only refused to import a global:
+            # the file pickles arbitrary Python objects, and unpickling those could run code
+            raise CheckpointError(f'cannot read checkpoint {path}: refused, it holds a pickled Python object '
+                                  f'({found.group(1)}) that is not a tensor or a plain value, and loading it '
+                                  f'could run code (torch.load weights_only=True); load only checkpoints '
+                                  f'train.py wrote') from None
+        # the first line that says what is wrong (not weights_only's advice to turn itself off)
+        lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.startswith(
+            ('Weights only load failed', 'Please file an issue', 'Check the documentation'))]
+        first = (lines or [''])[0][:200]
         raise CheckpointError(f'cannot read checkpoint {path} (truncated or corrupted?): '
                               f'{type(e).__name__}: {first}') from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
 import tempfile
 import textwrap
@@ -46,6 +48,7 @@ log_interval = 10
 eval_iters = 200  # batches per split (per process) for each eval
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val CE improves
+keep_last = 1  # checkpoints kept: ckpt.pt, plus (if > 1) ckpt-<iter>.pt for the keep_last newest saves
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub)
 # or 'gpt2:PATH' (a save_pretrained dir); with n_experts > 1 the dense GPT-2 is sparsely upcycled
 upcycle_noise = 0.0  # init_from=gpt2 with experts: Gaussian noise (x weight std) on each expert's copy
@@ -91,6 +94,9 @@ fsdp = False  # FSDP2 (fully_shard per block): shard parameters, gradients and A
 mfu_peak_flops = 312e12  # peak FLOP/s MFU is measured against (A100 bf16; H100 SXM ~989e12)
 # MoE logging
 dead_expert_threshold = 0.1  # an expert is dead when its load over a log interval < this x uniform
+# reliability (README: Reliability)
+max_bad_steps = 10  # a step with a non-finite loss or grad norm is skipped; this many in a row stop the run
+debug_nan_at_iters = []  # test hook: the loss is poisoned with NaN at these iters (e.g. [3, 4])
 # -----------------------------------------------------------------------------
 for _f in dataclasses.fields(MoEGPTConfig):  # new model fields become config keys automatically
     if _f.name not in globals():
@@ -98,7 +104,7 @@ for _f in dataclasses.fields(MoEGPTConfig):  # new model fields become config ke
 config_keys = [k for k in globals() if k not in _before and not k.startswith('_')]
 _hints = typing.get_type_hints(MoEGPTConfig)
 key_types = {k: typing.get_args(_hints[k]) or (_hints[k],) for k in MoEGPTConfig.field_names()}
-key_types.update(vocab_size=(int, type(None)), compile=(bool, str))
+key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at_iters=(list, tuple))
 # tunable on resume; every other model field must match the checkpoint's
 RESUME_TUNABLE = {'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef',
                   'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std', 'bias_update_rate',
@@ -146,6 +152,12 @@ check(0 <= beta1 < 1 and 0 <= beta2 < 1, f'beta1={beta1}, beta2={beta2} must be 
 check(not decay_lr or lr_decay_iters > warmup_iters,
       f'lr_decay_iters={lr_decay_iters} must be > warmup_iters={warmup_iters} (or set decay_lr=False)')
 check(0 <= dead_expert_threshold <= 1, f'dead_expert_threshold={dead_expert_threshold} must be in [0, 1]')
+check(keep_last >= 1, f'keep_last={keep_last} must be >= 1')
+check(max_bad_steps >= 1, f'max_bad_steps={max_bad_steps} must be >= 1')
+check(all(type(i) is int for i in debug_nan_at_iters),
+      f'debug_nan_at_iters={debug_nan_at_iters!r} must be a list of iteration numbers (ints)')
+debug_nan_at_iters = list(debug_nan_at_iters)  # plain list in config.json and the checkpoint
+nan_iters = set(debug_nan_at_iters)
 
 # DDP: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; the process group is created after validation
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -287,6 +299,8 @@ if master_process:
     print(f'world size {world_size}, {ga_local} micro-steps per process, tokens per iteration {tokens_per_iter:,}')
     with open(os.path.join(out_dir, 'config.json'), 'w') as _f:
         json.dump(config, _f, indent=1)
+    for _f in checkpoint.remove_stale_temps(out_dir):  # never read as checkpoints; just disk to free
+        print(f'removed {_f}: the temp file of a checkpoint save that was killed before it completed')
 torch.manual_seed(seed + rank)  # dropout differs per process...
 np.random.seed(seed + rank)
 data_gen = torch.Generator().manual_seed(seed)  # ...but batches are drawn identically on every process
@@ -331,9 +345,12 @@ moe_layer_ids = [i for i in range(n_layer) if gptconf.is_moe_layer(i)]  # block 
 n_moe, E = len(moe_layer_ids), n_experts
 aux_free = n_moe > 0 and router == 'sigmoid'  # DeepSeek-V3 balancing: expert_bias follows each step's load
 iter_num, best_val_loss = 0, float('inf')
+last_ckpt = None  # (path, iter) of the newest checkpoint known good: named when the run has to stop
 if ckpt is not None:
     model.load_state_dict(checkpoint.strip_compile_prefix(ckpt['model']))
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    last_ckpt = (ckpt_path, iter_num)
+    resume_evaluated = ckpt.get('evaluated', True)  # False: a preemption save, its iter's eval is still due
 model.to(device)
 params = model.get_num_params()
 if master_process:
@@ -557,13 +574,102 @@ if wandb_log and master_process:
     import wandb  # only imported when asked for
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
+# ----------------------------------------------------------------------------- reliability helpers
+def weights_finite():
+    """Whether every parameter is finite on every rank (a collective under DDP); checked before each
+    save, so a NaN/Inf checkpoint never replaces a good one."""
+    bad = torch.zeros((), device=device)
+    for p in raw_model.parameters():
+        t = p.to_local() if hasattr(p, 'to_local') else p  # FSDP2: this rank's shard
+        bad += (~torch.isfinite(t.detach())).any()
+    if ddp:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def stop_run(msg):
+    """Training went wrong (not the input): name the last good checkpoint, exit 3 on every rank."""
+    if master_process:
+        where = (f'last good checkpoint: {last_ckpt[0]} (iter {last_ckpt[1]}); fix the cause (e.g. a lower '
+                 f'learning_rate), then resume from it with --init_from=resume' if last_ckpt
+                 else 'no checkpoint was saved by this run')
+        print(f'train.py: error: {msg}\n  {where}', file=sys.stderr)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(3)
+
+
+def save_checkpoint(evaluated):
+    """Every rank calls this (sharded state is gathered); rank 0 writes ckpt.pt atomically. evaluated:
+    this iter's eval ran (False for a preemption save, so a resume runs that eval)."""
+    global last_ckpt
+    if not weights_finite():
+        stop_run(f'iter {iter_num}: the weights are not finite (NaN/Inf); not saving a checkpoint')
+    if sharded:  # collective: every rank sends its shards, the full model comes back
+        model_sd = parallel.full_state_dict(raw_model)
+        optim_sd = parallel.full_optim_state_dict(raw_model, optimizer)
+    elif master_process:
+        model_sd, optim_sd = checkpoint.strip_compile_prefix(raw_model.state_dict()), optimizer.state_dict()
+    if master_process:
+        print(f'saving checkpoint to {ckpt_path}')
+        checkpoint.save({
+            'format_version': checkpoint.FORMAT_VERSION,
+            'model': model_sd,
+            'optimizer': optim_sd,
+            'scaler': scaler.state_dict(),
+            'model_args': model_args,
+            'config': config,
+            'iter_num': iter_num,
+            'best_val_loss': best_val_loss,
+            'evaluated': evaluated,
+            'meta_vocab_size': meta_vocab_size,
+            'sampler_state': sampler_state,  # redraws the pending batch on resume
+            'rng': checkpoint.rng_state(),
+        }, ckpt_path)
+        checkpoint.keep_history(ckpt_path, iter_num, keep_last)
+    last_ckpt = (ckpt_path, iter_num)
+
+
+def resume_command():
+    """This run's command line, resuming: printed when a preemption stops it."""
+    args = [a for a in sys.argv[1:] if not a.startswith('--init_from=')]
+    if init_from.startswith('gpt2'):  # the shape came from GPT-2's weights; a resume must be told it
+        args += [f'--{k}={globals()[k]!r}' for k in sorted(_fixed)]
+    return shlex.join(['python', 'train.py', *args, '--init_from=resume'])
+
+
+# Preemption: the first SIGTERM/SIGINT only sets a flag; the loop finishes its step, saves and exits 0
+# (all DDP ranks stop at the same iter: the flag is all-reduced with the step's finiteness check).
+# A second signal exits at once: the user or the scheduler means now, and ckpt.pt is never half-written.
+preempted = None
+
+
+def on_signal(signum, frame):
+    global preempted
+    name = signal.Signals(signum).name
+    if preempted is not None:
+        if master_process:  # os.write: safe whatever the main thread was in the middle of printing
+            os.write(2, f'train.py: second signal ({name}): exiting now without saving; the last complete '
+                        f'checkpoint (if any) is {ckpt_path}\n'.encode())
+        os._exit(128 + signum)
+    preempted = name
+    if master_process:
+        os.write(2, f'train.py: {name} received: finishing this step, then saving a checkpoint and exiting '
+                    f'(send it again to exit at once, without saving)\n'.encode())
+
+
+if not eval_only:
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
 # ----------------------------------------------------------------------------- training loop
 start_iter = iter_num
-skip_eval_at = start_iter if init_from == 'resume' else -1  # the checkpoint's eval already happened
+skip_eval_at = start_iter if init_from == 'resume' and resume_evaluated else -1  # already evaluated
 rows = next_iter_starts()
 X, Y = get_batch('train', rows[0])  # fetch the very first batch
 acc = new_acc()
 t_log, eval_time, iters_since_log, grad_norm = time.perf_counter(), 0.0, 0, None
+bad_in_a_row, bad_since_log = 0, 0  # skipped (non-finite) steps
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
@@ -577,12 +683,6 @@ while True:
         improved = va['ce'] < best_val_loss
         best_val_loss = min(best_val_loss, va['ce'])
         save_now = not eval_only and iter_num > 0 and (improved or always_save_checkpoint)  # same on all ranks
-        if save_now and sharded:  # collective: every rank sends its shards, the full model comes back
-            full_model_sd = parallel.full_state_dict(raw_model)
-            full_optim_sd = parallel.full_optim_state_dict(raw_model, optimizer)
-        elif save_now and master_process:
-            full_model_sd = checkpoint.strip_compile_prefix(raw_model.state_dict())
-            full_optim_sd = optimizer.state_dict()
         if master_process:
             print(f"step {iter_num}: train CE {tr['ce']:.4f}, val CE {va['ce']:.4f} "
                   f"(val aux {va['aux']:.4f}, z {va['z']:.4f}){moe_summary(va['layers'])}")
@@ -602,27 +702,15 @@ while True:
                 if n_moe:
                     d['val_moe/expert_usage'] = wandb.Image(os.path.join(out_dir, 'expert_usage.png'))
                 wandb.log(d, step=iter_num)
-            if save_now:
-                print(f'saving checkpoint to {ckpt_path}')
-                checkpoint.save({
-                    'format_version': checkpoint.FORMAT_VERSION,
-                    'model': full_model_sd,
-                    'optimizer': full_optim_sd,
-                    'scaler': scaler.state_dict(),
-                    'model_args': model_args,
-                    'config': config,
-                    'iter_num': iter_num,
-                    'best_val_loss': best_val_loss,
-                    'meta_vocab_size': meta_vocab_size,
-                    'sampler_state': sampler_state,  # redraws the pending batch on resume
-                    'rng': checkpoint.rng_state(),
-                }, ckpt_path)
+        if save_now:
+            save_checkpoint(evaluated=True)
         eval_time += time.perf_counter() - t_eval
     if eval_only or iter_num >= max_iters:
         break
 
     # one optimizer step: gradient_accumulation_steps micro-steps over all processes
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
+    step_loss = torch.zeros((), device=device)  # this process's loss, for the finiteness check
     for micro_step in range(ga_local):
         if fsdp:  # FSDP2's no_sync: reduce-scatter only on the last micro-step
             model.set_requires_gradient_sync(micro_step == ga_local - 1)
@@ -631,6 +719,9 @@ while True:
         with ctx:
             _, loss, stats = model(X, Y)  # loss = CE + aux_loss_coef*aux + z_loss_coef*z
             loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
+            if iter_num in nan_iters:  # test hook (debug_nan_at_iters): a NaN loss, and so NaN gradients
+                loss = loss * float('nan')
+        step_loss += loss.detach()
         acc_add(acc, stats)
         if aux_free:
             step_counts += stats['expert_counts']
@@ -643,16 +734,36 @@ while True:
         scaler.scale(loss).backward()
     if expert_parallel > 1:  # sum over the replicas of each shard / world size = the mean-loss gradient
         parallel.reduce_expert_gradients(raw_model)
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        if sharded:  # the global norm over all shards, the same clip factor on every rank
-            grad_norm = parallel.clip_grad_norm_(raw_model, grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    scaler.unscale_(optimizer)  # (a no-op unless float16) the true gradients, to clip and check
+    max_norm = grad_clip if grad_clip != 0.0 else float('inf')  # inf: measure the norm, don't clip
+    if sharded:  # the global norm over all shards, the same clip factor on every rank
+        grad_norm = parallel.clip_grad_norm_(raw_model, max_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # NaN/Inf guard: a non-finite loss or grad norm skips the step. With float16 the GradScaler already
+    # skips overflowing steps (and lowers its scale), so there only a non-finite loss counts as bad.
+    # One host sync per step; the all-reduce (MAX) makes every rank skip, or stop, at the same iter.
+    bad = ~torch.isfinite(step_loss)
+    if not scaler.is_enabled():
+        bad |= ~torch.isfinite(grad_norm).to(bad.device)
+    flags = torch.stack([bad.float(), torch.tensor(float(preempted is not None), device=device)])
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_step, stop = (f > 0 for f in flags.tolist())
+    if bad_step:
+        bad_in_a_row, bad_since_log = bad_in_a_row + 1, bad_since_log + 1
+        if master_process:
+            print(f'iter {iter_num}: non-finite loss {step_loss.item():.4g} or grad norm {grad_norm.item():.4g}: '
+                  f'step skipped ({bad_in_a_row} in a row; the run stops at max_bad_steps={max_bad_steps})')
+        if bad_in_a_row >= max_bad_steps:
+            stop_run(f'iter {iter_num}: {bad_in_a_row} consecutive steps with a non-finite loss or gradient '
+                     f'norm (max_bad_steps={max_bad_steps}); stopping')
+    else:
+        bad_in_a_row = 0
+        scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    if aux_free:  # the step's load over all micro-steps and processes, so every process moves alike
+    optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
+    if aux_free and not bad_step:  # the step's load over all micro-steps and processes: all move alike
         if ddp:
             dist.all_reduce(step_counts)
         raw_model.update_expert_bias(step_counts)
@@ -670,7 +781,8 @@ while True:
                   f"{moe_summary(s['layers'])}")
             rec = {'type': 'train', 'iter': iter_num, 'iters': iters_since_log, 'lr': lr, 'ce': s['ce'],
                    'aux': s['aux'], 'z': s['z'], 'loss': s['loss'], 'grad_norm': gn, 'ms_per_iter': dt * 1000,
-                   'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu, 'layers': s['layers']}
+                   'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu, 'bad_steps': bad_since_log,
+                   'layers': s['layers']}
             log_jsonl(rec)
             if wandb_log:
                 d = {'train/ce': s['ce'], 'train/aux': s['aux'], 'train/z': s['z'], 'train/loss': s['loss'],
@@ -687,8 +799,14 @@ while True:
                               'moe/dead_experts': sum(len(l['dead']) for l in L)})
                     d.update(wandb_layers('moe', L))
                 wandb.log(d, step=iter_num)
-        acc, t_log, eval_time, iters_since_log = new_acc(), time.perf_counter(), 0.0, 0
+        acc, t_log, eval_time, iters_since_log, bad_since_log = new_acc(), time.perf_counter(), 0.0, 0, 0
     iter_num += 1
+    if stop:  # preempted: this step is done; save (improved or not) so a resume continues exactly here
+        save_checkpoint(evaluated=False)
+        if master_process:
+            print(f'{preempted}: stopped at iter {iter_num} and saved a checkpoint ({ckpt_path}); resume with:\n'
+                  f'    {resume_command()}' + ('\n  (launched with torchrun, as this run was)' if ddp else ''))
+        break
 
 if wandb_log and master_process:
     wandb.finish()
