@@ -804,8 +804,9 @@ while True:
     if stop:  # preempted: this step is done; save (improved or not) so a resume continues exactly here
         save_checkpoint(evaluated=False)
         if master_process:
-            print(f'{preempted}: stopped at iter {iter_num} and saved a checkpoint ({ckpt_path}); resume with:\n'
-                  f'    {resume_command()}' + ('\n  (launched with torchrun, as this run was)' if ddp else ''))
+            print(f'{preempted or "a signal to another rank"}: stopped at iter {iter_num} and saved a checkpoint '
+                  f'({ckpt_path}); resume with:\n    {resume_command()}'
+                  + ('\n  (launched with torchrun, as this run was)' if ddp else ''))
         break
 
 if wandb_log and master_process:
