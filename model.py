@@ -9,8 +9,9 @@ Shape suffixes name every dispatch tensor (torchtitan's convention):
 
 Dispatch is dropless by default: the N assignments are sorted by expert, every expert runs on its
 contiguous slice (one grouped matmul for all experts, or a loop over the slices), and the results are
-gathered back and weighted by the gates. No Python loop over tokens, no tokens x experts x capacity
-one-hot tensors. Aux losses and routing statistics are *returned*, never stored on the module.
+weighted by the gates and scatter-added back to their tokens. No Python loop over tokens, no
+tokens x experts x capacity one-hot tensors. Aux losses and routing statistics are *returned*, never
+stored on the module.
 """
 import inspect
 import math
