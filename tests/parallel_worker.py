@@ -104,6 +104,8 @@ def check_equivalence(name, ep_groups):
         'loss_abs': abs(loss_mean.item() / W - sum(ref_losses) / W),
         'grad_abs': g_abs, 'grad_rel': g_rel,
         'counts_diff': (stats['expert_counts'] - ref_stats['expert_counts']).abs().max().item(),
+        # total / active parameter counts (MFU) include the experts held by the other ranks
+        'num_params_diff': max(abs(a - b) for a, b in zip(ep.get_num_params(), ref.get_num_params())),
         'drop_frac': stats['drop_frac'].max().item(),
         'idle_expert_grad_max': max(p.grad.abs().max().item() for _, m in parallel.expert_parallel_modules(ep)
                                     for p in m.parameters()) if name == 'skewed' and rank == 1 else 0.0,

@@ -43,6 +43,7 @@ def test_ep_forward_backward_equal_single_process(results, name):
     assert r['grad_rel'] <= FP32_TOL, r  # every parameter; expert shards against their slice
     assert r['n_params'] >= 20
     assert r['counts_diff'] == 0  # same routing, same stats
+    assert r['num_params_diff'] == 0  # get_num_params counts every expert, local or not
     if name == 'ep_capacity':
         assert r['drop_frac'] > 0.05, 'capacity mode must actually drop rows here'
         assert r['experts_per_rank'] == 4
