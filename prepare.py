@@ -92,7 +92,7 @@ def get_codec(meta):
     """(encode, decode) for a dataset's tokenizer: encode str -> list[int], decode list[int] -> str."""
     if meta['tokenizer'] == 'char':
         itos = meta['itos']
-        stoi = {c: i for i, c in enumerate(itos)}
+        stoi = meta.get('stoi') or {c: i for i, c in enumerate(itos)}  # load_meta has built it already
 
         def encode(s):
             missing = sorted(set(s) - stoi.keys())

@@ -16,7 +16,7 @@ import torch
 import checkpoint
 import configurator
 from model import MoEGPT, MoEGPTConfig
-from prepare import DataError, get_codec, get_gpt2_encoding, load_meta
+from prepare import DataError, get_codec, load_meta
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 hub name ('gpt2', ...) or 'gpt2:PATH' (local dir)
@@ -103,11 +103,9 @@ else:  # pretrained GPT-2: 'gpt2', 'gpt2-medium', ... or 'gpt2:PATH' for a save_
     name = init_from.split(':', 1)[1] if init_from.startswith('gpt2:') else init_from
     try:
         model = MoEGPT.from_pretrained(name)
-        enc = get_gpt2_encoding()
+        encode, decode = get_codec({'tokenizer': 'gpt2'})
     except (ImportError, OSError, DataError) as e:
         fail(f'cannot load {init_from!r}: {str(e).splitlines()[0]}')
-    encode = lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})  # noqa: E731
-    decode = enc.decode
 model.eval().to(device)
 if compile:
     model.forward = torch.compile(model.forward, dynamic=True)
