@@ -170,7 +170,9 @@ def test_ddp_two_cpu_processes_match_single_process(char_data, tmp_path):
     for a, b in zip(ts, td):  # expert counts summed across ranks: the same tokens were routed
         for la, lb in zip(a['layers'], b['layers']):
             assert la['routed'] == lb['routed'] == 2 * 4 * 32 * 2
-            assert la['frac'] == pytest.approx(lb['frac'], abs=1e-3)
+            # float reordering across ranks (thread counts, all-reduce vs accumulation) may flip a
+            # near-tie routing decision; one flip moves two fractions by 1/512: allow two flips
+            assert la['frac'] == pytest.approx(lb['frac'], abs=2 / 512 + 1e-6)
 
 
 def test_bfloat16_autocast_on_cpu_with_switch_config(char_data, tmp_path):
