@@ -321,6 +321,7 @@ def main():
     if rank == 0:
         with open(out_path, 'w') as f:
             json.dump(res, f, indent=1, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else str(o))
+    dist.barrier()  # no rank tears gloo down while another is still busy (it can abort at exit)
     dist.destroy_process_group()
 
 

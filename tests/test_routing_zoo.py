@@ -234,6 +234,7 @@ def _global_scope_worker(rank, port, results):
         _, aux = layer(x, return_intermediate=True)
         results[rank] = (aux['aux_loss'].item(), aux['routing']['router_probs'].detach().view(-1, 4),
                          aux['routing']['topk_ids'].view(-1, 2))
+        dist.barrier()  # no rank tears gloo down while another is still busy (it can abort at exit)
     finally:
         dist.destroy_process_group()
 
