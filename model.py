@@ -417,7 +417,7 @@ class MoELayer(nn.Module):
             out_TD = out_TD + self.shared_experts(x_TD)
         out_BSD = self.dropout(out_TD.view(B, S, D))
 
-        aux = {'aux_loss': self.balance_loss(probs_TE, topk_ids_TK, B, S), 'z_loss': router_z_loss(logits_TE)}
+        aux = {'aux_loss': self.balance_loss(probs_TE, topk_ids_TK, counts_E, B, S), 'z_loss': router_z_loss(logits_TE)}
         with torch.no_grad():
             aux['expert_counts'] = counts_E.float()
             if self.router.kind == 'expert_choice':  # dropped: tokens that no expert picked
@@ -479,19 +479,17 @@ class MoELayer(nn.Module):
         expert_of_N = torch.arange(E, device=probs_TE.device).repeat_interleave(C)
         return tokens_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, expert_of_N, None, tokens_EC
 
-    def balance_loss(self, probs_TE, topk_ids_TK, B, S):
+    def balance_loss(self, probs_TE, topk_ids_TK, counts_E, B, S):
         """The Switch loss over the micro-batch, per sequence, or with the loads of all DDP ranks
-        ('global': Megatron-Core's global-batch balancing). Expert choice is balanced by
-        construction: no loss."""
+        ('global': Megatron-Core's global-batch balancing). counts_E: this micro-batch's assignments
+        per expert, already counted by the routing. Expert choice is balanced by construction: no loss."""
         if self.router.kind == 'expert_choice':
             return probs_TE.new_zeros(())
         E = self.n_experts
         if self.balance_scope == 'sequence':
             return sequence_balancing_loss(probs_TE.view(B, S, E), topk_ids_TK.view(B, S, -1), E)
-        counts_E = None
+        counts_E = counts_E.float()  # a copy: the routing's counts also go to the stats
         if self.balance_scope == 'global' and torch.distributed.is_available() and torch.distributed.is_initialized():
-            counts_E = torch.zeros(E, device=probs_TE.device, dtype=torch.float32)
-            counts_E.scatter_add_(0, topk_ids_TK.reshape(-1), torch.ones(topk_ids_TK.numel(), device=probs_TE.device))
             torch.distributed.all_reduce(counts_E)  # the global batch's loads; P stays local
         return load_balancing_loss(probs_TE, topk_ids_TK, E, counts_E)
 
