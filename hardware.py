@@ -1,0 +1,63 @@
+"""
+What the machine can do, in one place for train.py, sample.py and bench.py: the dtype 'auto' picks,
+and the peak FLOP/s that MFU is measured against.
+"""
+import torch
+
+# Dense (no sparsity) tensor-core peaks in bf16/fp16, from the vendors' datasheets. Keys are whole words
+# of torch.cuda.get_device_name(), so 'L4' never matches 'L40S' and 'A10' never matches 'A100'/'A10G'.
+# H100/H200 come in SXM, PCIe and NVL parts with different clocks; the variant word decides.
+GPU_PEAK_BF16 = {
+    ('B200',): 2250e12,
+    ('H200', 'NVL'): 835e12,
+    ('H200',): 989e12,
+    ('H100', 'PCIe'): 756e12,
+    ('H100', 'NVL'): 835e12,
+    ('H100',): 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    ('A100',): 312e12,
+    ('L40S',): 362e12,
+    ('L4',): 121e12,
+    ('A10',): 125e12,
+    ('RTX', '4090'): 165e12,
+    ('V100',): 125e12,  # fp16 only (no bf16)
+    ('T4',): 65e12,  # fp16 only (no bf16)
+}
+
+
+def bf16_supported():
+    """Native bf16 on this CUDA device. torch.cuda.is_bf16_supported() also says True for GPUs that
+    only emulate it (V100, T4: slow, and inductor won't compile it); including_emulation=False asks
+    for the real thing (the argument is new in torch 2.3; older torch did not count emulation)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()
+
+
+def auto_dtype(device_type):
+    """dtype='auto': bfloat16 on a GPU that has it natively, float16 (with a GradScaler) on older
+    GPUs, float32 on CPU / MPS."""
+    if device_type != 'cuda':
+        return 'float32'
+    return 'bfloat16' if bf16_supported() else 'float16'
+
+
+def gpu_peak_flops(name, dtype):
+    """Datasheet peak FLOP/s of the GPU called `name` for matmuls in `dtype` ('bfloat16', 'float16',
+    'float32' = TF32, half the tensor-core rate), or None for a GPU not in the table."""
+    words = set(name.replace('-', ' ').split())
+    for key, peak in GPU_PEAK_BF16.items():
+        if all(k in words for k in key):
+            return peak if str(dtype).replace('torch.', '') in ('bfloat16', 'float16') else peak / 2
+    return None
+
+
+def peak_flops(device, dtype):
+    """The peak MFU is measured against on `device`, or None where no datasheet number means
+    anything (CPU, MPS, an unknown GPU): then no MFU is printed."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
