@@ -36,8 +36,6 @@ FORMAT_VERSION = 1
 DATASETS = ('shakespeare_char', 'shakespeare', 'openwebtext', 'text', 'hf')
 TOKENIZERS = ('char', 'gpt2')
 TINYSHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-# CI and the dev machines keep the real text beside the repo (../shared); never copied into it.
-SHARED_TINYSHAKESPEARE = Path(__file__).resolve().parent.parent / 'shared/data/tinyshakespeare/input.txt'
 OPENWEBTEXT_HF = 'Skylion007/openwebtext'
 GPT2_VOCAB_SIZE = 50257  # the real vocab; train.py pads it to a multiple of 64 itself
 # tiktoken caches each BPE file under the sha1 hex of its URL; these are GPT-2's two files.
@@ -199,14 +197,14 @@ def read_source(path):
 
 
 def find_tinyshakespeare(data_dir, name, input=None):
-    """A local tinyshakespeare: --input, else one already in data_dir or ../shared, else download."""
+    """tinyshakespeare's input.txt: --input, else one already in data_dir (data/<name>/, or the
+    shakespeare_char / shakespeare folders, which share the text), else downloaded to data/<name>/."""
     if input is not None:
         if not Path(input).is_file():
             raise DataError(f'--input {input} does not exist')
         return Path(input)
     dest = Path(data_dir) / name / 'input.txt'
-    for p in (dest, *(Path(data_dir) / n / 'input.txt' for n in ('shakespeare_char', 'shakespeare')),
-              SHARED_TINYSHAKESPEARE):
+    for p in (dest, *(Path(data_dir) / n / 'input.txt' for n in ('shakespeare_char', 'shakespeare'))):
         if p.is_file():
             return p
     print(f'downloading tinyshakespeare from {TINYSHAKESPEARE_URL}')

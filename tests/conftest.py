@@ -1,5 +1,11 @@
-"""Shared fixtures: the real tinyshakespeare text, an offline GPT-2 BPE cache, prepared char data."""
+"""Shared fixtures: the real tinyshakespeare text, an offline GPT-2 BPE cache, prepared char data.
+
+prepare.py knows nothing of where CI keeps files: the tests pass the text to it explicitly (--input).
+They find it through $TINYSHAKESPEARE (.ci/run sets it), else ../shared beside the repo (CI's and the
+dev machines' layout), else data/shakespeare_char/input.txt (where the README's quick start put it).
+"""
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -8,15 +14,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# CI clones the repo with ../shared beside it; the text is never copied into the repo
-TINYSHAKESPEARE = REPO.parent / 'shared/data/tinyshakespeare/input.txt'
+TINYSHAKESPEARE_PLACES = [p for p in (os.environ.get('TINYSHAKESPEARE'),
+                                       REPO.parent / 'shared/data/tinyshakespeare/input.txt',
+                                       REPO / 'data/shakespeare_char/input.txt') if p]
+TINYSHAKESPEARE = next((Path(p) for p in TINYSHAKESPEARE_PLACES if Path(p).is_file()), None)
 
 
 @pytest.fixture(scope='session')
 def tinyshakespeare():
-    """Path of the real tinyshakespeare input.txt (1,115,394 bytes)."""
-    if not TINYSHAKESPEARE.is_file():
-        pytest.fail(f'{TINYSHAKESPEARE} missing: CI and dev machines keep it in ../shared beside the repo')
+    """Path of the real tinyshakespeare input.txt (1,115,394 bytes); never copied into the repo by a test."""
+    if TINYSHAKESPEARE is None:
+        pytest.fail('tinyshakespeare input.txt not found in any of ' + ', '.join(map(str, TINYSHAKESPEARE_PLACES))
+                    + ': run `python prepare.py shakespeare_char` once (it downloads the text) or set '
+                      'TINYSHAKESPEARE=/path/to/input.txt')
     return TINYSHAKESPEARE
 
 

@@ -3,6 +3,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_char_codec_roundtrip(shakespeare_char_dir):
 
 
 def test_shakespeare_finds_local_copy_first(tmp_path, capsys):
-    """data_dir/<name>/input.txt beats ../shared and the download."""
+    """data_dir/<name>/input.txt beats the download."""
     own = tmp_path / 'shakespeare_char' / 'input.txt'
     own.parent.mkdir()
     own.write_text('to be or not to be\n' * 10)
@@ -98,8 +99,24 @@ def test_shakespeare_finds_local_copy_first(tmp_path, capsys):
     assert meta['source'] == str(own) and meta['vocab_size'] == len(set('to be or not\n'))
 
 
+def test_tinyshakespeare_lookup_order(tmp_path):
+    """--input, then data_dir/<name>/input.txt, then the shakespeare_char and shakespeare folders."""
+    d = tmp_path / 'data'
+    places = {n: d / n / 'input.txt' for n in ('mine', 'shakespeare_char', 'shakespeare')}
+    for p in places.values():
+        p.parent.mkdir(parents=True)
+        p.write_text('x\n')
+    given = tmp_path / 'given.txt'
+    given.write_text('y\n')
+    assert P.find_tinyshakespeare(d, 'mine', input=given) == given
+    for name in ('mine', 'shakespeare_char', 'shakespeare'):
+        assert P.find_tinyshakespeare(d, 'mine') == places[name]
+        places[name].unlink()
+    with pytest.raises(P.DataError, match='--input .*missing.txt does not exist'):
+        P.find_tinyshakespeare(d, 'mine', input=tmp_path / 'missing.txt')
+
+
 def test_tinyshakespeare_offline_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(P, 'SHARED_TINYSHAKESPEARE', tmp_path / 'nowhere' / 'input.txt')
     monkeypatch.setattr(P, 'TINYSHAKESPEARE_URL', DEAD + '/input.txt')
     data = tmp_path / 'data'
     rc, err = run_main(capsys, 'shakespeare_char', '--data_dir', data)
@@ -107,6 +124,29 @@ def test_tinyshakespeare_offline_error(tmp_path, monkeypatch, capsys):
     assert 'could not download tinyshakespeare' in err[0] and '--input' in err[0]
     assert str(data / 'shakespeare_char' / 'input.txt') in err[0]
     assert listing(data) == []
+
+
+def test_never_looks_beside_the_repo(tmp_path, tinyshakespeare):
+    """No CI paths in the product: a copy of the text where CI keeps it (../shared beside the repo)
+    is never used. Without --input and data/, prepare.py downloads; offline it names where to put
+    input.txt. Checked for the real prepare.py run from elsewhere, and for a copy with a planted
+    ../shared beside it."""
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    shutil.copy(REPO / 'prepare.py', repo / 'prepare.py')
+    planted = tmp_path / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt'
+    planted.parent.mkdir(parents=True)
+    shutil.copy(tinyshakespeare, planted)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    for script, cwd in ((REPO / 'prepare.py', elsewhere), (repo / 'prepare.py', repo)):
+        r = run_cli('shakespeare_char', script=script, cwd=cwd)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert r.stdout.startswith('downloading tinyshakespeare from https://'), r.stdout
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('prepare.py: error: could not download tinyshakespeare'), err
+        assert 'Put input.txt at data/shakespeare_char/input.txt or pass --input /path/to/input.txt' in err[0]
+        assert listing(cwd / 'data') == []
 
 
 # ----------------------------------------------------------------------------- GPT-2 BPE
@@ -352,13 +392,13 @@ def test_bad_input_one_line_nonzero_nothing_written(bad_inputs, argv, message, c
     assert listing(bad_inputs / 'out') == []
 
 
-def run_cli(*argv, tiktoken_cache=None, cwd=REPO):
+def run_cli(*argv, tiktoken_cache=None, cwd=REPO, script=REPO / 'prepare.py'):
     env = {k: v for k, v in os.environ.items() if k.lower() != 'no_proxy'}
     env.update(HTTP_PROXY=DEAD, HTTPS_PROXY=DEAD, http_proxy=DEAD, https_proxy=DEAD,
                HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', HF_HOME=str(tiktoken_cache or '/nonexistent'))
     if tiktoken_cache:
         env['TIKTOKEN_CACHE_DIR'] = str(tiktoken_cache)
-    return subprocess.run([sys.executable, str(REPO / 'prepare.py'), *map(str, argv)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(script), *map(str, argv)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
