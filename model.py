@@ -28,7 +28,7 @@ EXPERT_IMPLS = ('auto', 'grouped', 'loop')
 ROUTERS = ('softmax', 'noisy_topk', 'sigmoid', 'expert_choice', 'soft')
 BALANCE_SCOPES = ('micro_batch', 'sequence', 'global')
 HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
-# expert_impl='auto': grouped_mm on GPUs (one kernel for all experts; bf16 fast path). On CPU the
+# expert_impl='auto' (use_grouped_mm): grouped_mm on GPUs in bf16 (one kernel for all experts). On CPU the
 # slice loop, measured faster at every expert count on a 2-core machine (fp32, fwd+bwd, n_embd 384,
 # 8192 tokens, equal active FLOPs, 1 thread): loop/grouped time 0.93 at 8e top-2, 0.86 at 16e top-4,
 # 0.95 at 32e top-8, 0.98 at 64e top-8 (grouped_mm's CPU path is a loop of its own).
@@ -98,6 +98,13 @@ class MoEGPTConfig:
             ('aux_loss_coef', self.aux_loss_coef >= 0, 'must be >= 0'),
             ('z_loss_coef', self.z_loss_coef >= 0, 'must be >= 0'),
             ('expert_impl', self.expert_impl in EXPERT_IMPLS, f'must be one of {EXPERT_IMPLS}'),
+            # bf16 grouped_mm rejects row strides that are not multiples of 16 bytes (8 elements)
+            ('n_embd', self.expert_impl != 'grouped' or self.n_embd % 8 == 0,
+             "must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row strides in "
+             "bf16); or use expert_impl='auto', which takes the loop when misaligned"),
+            ('expert_hidden', self.expert_impl != 'grouped' or self.expert_hidden % 8 == 0,
+             "must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row strides in "
+             "bf16); or use expert_impl='auto', which takes the loop when misaligned"),
             ('router', self.router in ROUTERS, f'must be one of {ROUTERS}'),
             ('n_shared_experts', self.n_shared_experts >= 0, 'must be >= 0'),
             ('bias_update_rate', self.bias_update_rate >= 0, 'must be >= 0'),
@@ -279,6 +286,20 @@ class Router(nn.Module):
 
 # ----------------------------------------------------------------------------- experts
 
+def use_grouped_mm(expert_impl, device_type, dtype, aligned=True):
+    """Whether the experts run as grouped_mm (else the per-expert slice loop). 'auto' takes
+    grouped_mm only where it is one kernel that torch.compile can trace: CUDA, bf16 (grouped_mm's
+    meta function, what compile traces, accepts bf16 only), 16-byte-aligned row strides. The rest
+    takes the loop: CPU (measured faster there), and fp32 / fp16 on CUDA (--dtype=float32, pre-Ampere
+    GPUs), where compiled grouped_mm would crash. README: the GPU path."""
+    if not HAS_GROUPED_MM or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False  # old torch, or float64 (tests): grouped_mm has no kernel for it
+    if expert_impl != 'auto':
+        return expert_impl == 'grouped'
+    return device_type == 'cuda' and dtype == torch.bfloat16 and aligned
+
+
+
 class MLP(nn.Module):
     """nanoGPT's dense MLP: the FFN of dense blocks, and the always-on shared experts of an MoE layer."""
 
@@ -294,6 +315,14 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(activation_fn(self.activation, self.c_fc(x))))
 
 
+@torch.compiler.disable
+def grouped_mm_eager(a, b, offs):
+    """grouped_mm outside torch.compile's graph: its meta function (what compile traces) accepts
+    bf16 only, while the eager kernels also run fp32 / fp16. expert_impl='grouped' in those dtypes
+    compiles with a graph break here instead of crashing."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
 class GroupedExperts(nn.Module):
     """n_experts MLPs with weights stacked along a leading expert dim, applied to expert-sorted rows."""
 
@@ -307,36 +336,45 @@ class GroupedExperts(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(E, D)) if config.bias else None
         self.activation = config.activation
         self.expert_impl = config.expert_impl
+        # bf16 grouped_mm needs every row stride to be a multiple of 16 bytes (8 bf16 elements): D, H
+        # and 2H (swiglu). 'auto' takes the loop otherwise; 'grouped' is refused by MoEGPTConfig.
+        self.aligned = D % 8 == 0 and H % 8 == 0
 
     def use_grouped(self, x):
-        if not HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return False  # old torch, or float64 (tests): grouped_mm has no kernel for it
-        if self.expert_impl != 'auto':
-            return self.expert_impl == 'grouped'
-        return x.device.type != 'cpu'
+        return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
 
     def forward(self, x_ND, counts_E, expert_ids_N, kept_N1=None):
         """x_ND: rows sorted by expert; counts_E: rows per expert; expert_ids_N: the expert of each
-        row (for the biases). kept_N1 (capacity mode): False on the dropped rows past sum(counts_E),
-        which grouped_mm leaves unwritten in its outputs and input gradients; they are masked to 0."""
+        row (for the biases). kept_N1 (capacity mode): False on the dropped rows past sum(counts_E).
+        CUDA's grouped_mm allocates its output uninitialised and writes only the rows up to offs[-1],
+        in forward and in the input gradient of backward: those rows hold garbage (NaN, Inf), and
+        0 * NaN is NaN. So every grouped_mm output is masked at once, before bias, activation and
+        gate see it, and the activation's output is masked too (its backward input is the next
+        grouped_mm's input gradient). tests/test_cuda_rules.py emulates the garbage on CPU."""
         dt = compute_dtype(x_ND)
         x_ND = x_ND.to(dt)
         w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
-        if self.use_grouped(x_ND):
-            offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-            # Biases: gathered with index_select (backward: index_add_, not a serial accumulating
-            # index_put_) and added in place (grouped_mm does not keep its output for backward).
-            h_NF = F.grouped_mm(x_ND, w1_EDF, offs=offs_E)
-            if self.b1_EF is not None:
-                h_NF += self.b1_EF.to(dt).index_select(0, expert_ids_N)
-            h_NH = activation_fn(self.activation, h_NF)
-            if kept_N1 is not None:
-                h_NH = torch.where(kept_N1, h_NH, 0)
-            y_ND = F.grouped_mm(h_NH, w2_EHD, offs=offs_E)
-            if self.b2_ED is not None:
-                y_ND += self.b2_ED.to(dt).index_select(0, expert_ids_N)
-        else:
-            y_ND = self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, w2_EHD)
+        if not self.use_grouped(x_ND):
+            return self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, w2_EHD)
+        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        mm = F.grouped_mm if dt == torch.bfloat16 else grouped_mm_eager
+
+        def grouped_mm(a, b):
+            y = mm(a, b, offs=offs_E)
+            return y if kept_N1 is None else torch.where(kept_N1, y, 0)
+
+        # Biases: gathered in their own dtype (fp32) with index_select, then cast: backward is an
+        # index_add_ that accumulates ~N/E rows per expert in fp32, like a dense Linear's bias grad
+        # (in bf16 that sum loses 7-50%); index_select's backward is not a serial index_put_ either.
+        h_NF = grouped_mm(x_ND, w1_EDF)
+        if self.b1_EF is not None:
+            h_NF = h_NF + self.b1_EF.index_select(0, expert_ids_N).to(dt)
+        h_NH = activation_fn(self.activation, h_NF)
+        if kept_N1 is not None:
+            h_NH = torch.where(kept_N1, h_NH, 0)
+        y_ND = grouped_mm(h_NH, w2_EHD)
+        if self.b2_ED is not None:
+            y_ND = y_ND + self.b2_ED.index_select(0, expert_ids_N).to(dt)
         return y_ND
 
     def forward_loop(self, x_ND, counts, w1_EDF, w2_EHD):
@@ -702,18 +740,21 @@ class MoEGPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; every >=2-D tensor (matmul weights, stacked experts, embeddings) decays, biases and
-        norms don't (nanoGPT's rule). Fused on CUDA."""
-        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        decay_params = [p for p in param_dict.values() if p.dim() >= 2]
-        nodecay_params = [p for p in param_dict.values() if p.dim() < 2]
-        optim_groups = [
-            {'params': decay_params, 'weight_decay': weight_decay},
-            {'params': nodecay_params, 'weight_decay': 0.0},
-        ]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, foreach=None):
+        """AdamW; matmul weights, stacked experts and embeddings decay, biases and norms don't
+        (nanoGPT's rule). Fused on CUDA. Fused and foreach AdamW update a whole param
+        group in one multi-tensor call, which can't mix plain tensors with FSDP2's DTensors
+        ("got mixed torch.Tensor and DTensor": FSDP2 + expert parallelism, whose expert shards stay
+        plain), so each kind gets param groups of its own. foreach: force it (tests)."""
+        groups = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:  # the experts' stacked biases are 2-D, and still biases
+                decay = p.dim() >= 2 and not name.endswith(('.b1_EF', '.b2_ED'))
+                groups.setdefault((decay, type(p).__name__ == 'DTensor'), []).append(p)
+        optim_groups = [{'params': ps, 'weight_decay': weight_decay if decay else 0.0}
+                        for (decay, _), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
-        extra = dict(fused=True) if use_fused else dict()
+        extra = dict(fused=True) if use_fused and not foreach else dict(foreach=foreach)
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):

@@ -372,42 +372,74 @@ def load_full_state_dict(model, sd, ep_group=None, strict=True):
     return raw.load_state_dict(local, strict=strict)
 
 
-def _optim_params(optimizer):
-    return [p for g in optimizer.param_groups for p in g['params']]
+def _canonical_groups(model, optimizer):
+    """The optimizer's param groups as the single-process optimizer has them: groups with the same
+    settings merged (configure_optimizers splits plain tensors from FSDP's DTensors, which fused /
+    foreach AdamW can't mix), parameters in model order. Returns [(settings, [param, ...])]."""
+    order = {id(p): i for i, p in enumerate(unwrap(model).parameters())}
+    merged = {}
+    for g in optimizer.param_groups:
+        settings = {k: v for k, v in g.items() if k != 'params'}
+        merged.setdefault(repr(sorted(settings.items())), (settings, []))[1].extend(g['params'])
+    return [(st, sorted(ps, key=lambda p: order[id(p)])) for st, ps in merged.values()]
 
 
-def _map_optim_state(model, optimizer, state, fn):
-    """{param index: {key: value}} with fn(tensor, param, its EP experts module or None) applied to
-    every per-parameter tensor (AdamW's moments; the scalar step count stays as is)."""
-    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
-    params = _optim_params(optimizer)
-    return {i: {k: fn(v, params[i], owner.get(id(params[i]))) if torch.is_tensor(v) and v.dim() > 0 else v
-                for k, v in st.items()} for i, st in state.items()}
+def _flat_index(groups):
+    """{id(param): its index in the flattened groups} (state_dict's integer keys)."""
+    return {id(p): i for i, p in enumerate(p for _, ps in groups for p in ps)}
 
 
 def full_optim_state_dict(model, optimizer):
-    """optimizer.state_dict() with the per-parameter state (AdamW's exp_avg, exp_avg_sq) of expert
-    shards gathered to full experts and FSDP DTensors made full: it loads into the single-process
-    optimizer (same parameter order) or any other EP size. Collective."""
-    def gather(v, p, m):
-        if v.shape != p.shape:
-            return v
-        v = _full(v)
-        return _gather_experts(v, m) if m is not None else v
+    """optimizer.state_dict() of the single-process optimizer: the per-parameter state (AdamW's
+    exp_avg, exp_avg_sq) of expert shards gathered to full experts, FSDP DTensors made full, and
+    the param groups in the single-process layout, so it loads into the single-process optimizer or
+    any other EP size / FSDP. Collective."""
+    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
+    actual = [p for g in optimizer.param_groups for p in g['params']]
+    canon = _canonical_groups(model, optimizer)
+    to_canon = _flat_index(canon)
     osd = optimizer.state_dict()
-    return {'state': _map_optim_state(model, optimizer, osd['state'], gather), 'param_groups': osd['param_groups']}
+    state = {}
+    for i, st in osd['state'].items():
+        p, m = actual[i], owner.get(id(actual[i]))
+        st = dict(st)
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0:
+                v = _full(v)
+                st[k] = _gather_experts(v, m) if m is not None else v
+        state[to_canon[id(p)]] = st
+    groups, start = [], 0
+    for settings, ps in canon:
+        groups.append(dict(settings, params=list(range(start, start + len(ps)))))
+        start += len(ps)
+    return {'state': state, 'param_groups': groups}
 
 
 def load_full_optim_state_dict(model, optimizer, osd):
     """Load a full optimizer state_dict (from full_optim_state_dict or a single-process run) into
     this rank's optimizer: expert moments sliced to the local shard, FSDP ones to the local DTensor
-    shard."""
-    def shard(v, p, m):
-        if m is not None:
-            return _shard_like(v, p, m)
-        return _shard_like(v, p) if _is_dtensor(p) else v
-    optimizer.load_state_dict({'state': _map_optim_state(model, optimizer, osd['state'], shard),
-                               'param_groups': osd['param_groups']})
+    shard, the single-process param groups mapped onto this optimizer's groups."""
+    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters()}
+    canon_groups = _canonical_groups(model, optimizer)
+    canon, to_canon = [p for _, ps in canon_groups for p in ps], _flat_index(canon_groups)
+    if sum(len(g['params']) for g in osd['param_groups']) != len(canon):
+        raise ValueError(f'optimizer state for {sum(len(g["params"]) for g in osd["param_groups"])} '
+                         f'parameters, this model has {len(canon)}')
+    to_actual = _flat_index([(None, g['params']) for g in optimizer.param_groups])
+    settings_of = {}  # canonical index -> the settings (lr, betas, ...) of its saved group
+    for g in osd['param_groups']:
+        settings_of.update({i: {k: v for k, v in g.items() if k != 'params'} for i in g['params']})
+    state = {}
+    for c, st in osd['state'].items():
+        p = canon[int(c)]
+        m = owner.get(id(p))
+        state[to_actual[id(p)]] = {k: (_shard_like(v, p, m) if m is not None or _is_dtensor(p) else v)
+                                   if torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
+    groups, start = [], 0
+    for g in optimizer.param_groups:
+        groups.append(dict(settings_of[to_canon[id(g['params'][0])]], params=list(range(start, start + len(g['params'])))))
+        start += len(g['params'])
+    optimizer.load_state_dict({'state': state, 'param_groups': groups})
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -117,8 +117,10 @@ def check_equivalence(name, ep_groups):
     return out
 
 
-def make_opt(model):
-    return parallel.unwrap(model).configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
+def make_opt(model, foreach=None):
+    """foreach=True groups tensors by device and dtype in one multi-tensor call, as fused AdamW does
+    on CUDA: a group mixing plain tensors with FSDP's DTensors fails there."""
+    return parallel.unwrap(model).configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu', foreach=foreach)
 
 
 def step_single(model, opt, X, Y, clip):
@@ -170,7 +172,7 @@ def train_and_checkpoint(ep_groups, tmpdir, steps=5, more=2, ga=2, clip=0.5):
     ref = MoEGPT(cfg)
     ep_raw = parallel.enable_expert_parallel(copy.deepcopy(ref), ep_groups)
     ep = wrap_ddp(ep_raw)
-    opt_ref, opt_ep = make_opt(ref), make_opt(ep_raw)
+    opt_ref, opt_ep = make_opt(ref), make_opt(ep_raw, foreach=True)
     batches = [batch(cfg, W * ga, seed=100 + s) for s in range(steps + more)]
     out = {'ref_losses': [], 'ep_losses': [], 'ref_norms': [], 'ep_norms': []}
     for s in range(steps):
@@ -221,7 +223,7 @@ def train_and_checkpoint(ep_groups, tmpdir, steps=5, more=2, ga=2, clip=0.5):
     torch.manual_seed(456)
     ep2_raw = parallel.enable_expert_parallel(MoEGPT(cfg), ep_groups)
     parallel.load_full_state_dict(ep2_raw, ck['model'])
-    opt_ep2 = make_opt(ep2_raw)
+    opt_ep2 = make_opt(ep2_raw, foreach=True)
     parallel.load_full_optim_state_dict(ep2_raw, opt_ep2, ck['optimizer'])
     ep2 = wrap_ddp(ep2_raw)
     with torch.no_grad():
@@ -252,7 +254,7 @@ def fsdp_train(ep_groups, steps=3, clip=0.5):
         if mode == 'fsdp_ep':
             parallel.enable_expert_parallel(m, ep_groups)
         parallel.apply_fsdp(m)
-        opt_ref, opt_m = make_opt(ref), make_opt(m)
+        opt_ref, opt_m = make_opt(ref), make_opt(m, foreach=True)
         batches = [batch(cfg, W, seed=200 + s) for s in range(steps)]
         ref_l, m_l = [], []
         for s in range(steps):
@@ -273,7 +275,9 @@ def fsdp_train(ep_groups, steps=3, clip=0.5):
                      'param_abs': max((full[k] - ref_sd[k]).abs().max().item() for k in ref_sd),
                      'keys_match': sorted(full) == sorted(ref_sd),
                      'n_moments': len(moments(osd)), 'optim_roundtrip_abs': optim_roundtrip,
-                     'dtensor_params': sharded,
+                     'dtensor_params': sharded, 'param_groups': len(opt_m.param_groups),
+                     'mixed_groups': sum(len({hasattr(p, 'full_tensor') for p in g['params']}) > 1
+                                         for g in opt_m.param_groups),
                      'plain_params': sum(1 for p in m.parameters() if not hasattr(p, 'full_tensor'))}
         out[mode].update(max_over_ranks({'param_abs': out[mode]['param_abs'], 'optim_abs': optim_abs}))
     return out

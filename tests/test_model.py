@@ -415,3 +415,16 @@ def test_generate_and_a_few_training_steps_reduce_loss():
     out = model.generate(idx[:1, :3], 20)
     assert out.shape == (1, 23) and torch.equal(out[:, :3], idx[:1, :3])
     assert out.max() < 37
+
+
+def test_optimizer_groups_decay_weights_not_biases():
+    """nanoGPT's rule, for stacked experts too: (E, F) expert biases are biases (no decay)."""
+    model = MoEGPT(tiny_config(bias=True))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    no_decay = {names[id(p)] for g in opt.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    assert 'transformer.h.0.mlp.experts.w1_EDF' in decay and 'transformer.h.0.mlp.experts.b1_EF' in no_decay
+    assert 'transformer.h.0.mlp.experts.b2_ED' in no_decay and 'transformer.h.0.ln_1.weight' in no_decay
+    assert all(n.endswith('weight') or n.endswith(('w1_EDF', 'w2_EHD')) for n in decay)
+    assert len(decay) + len(no_decay) == len(names)

@@ -89,10 +89,14 @@ def test_fsdp2_trains_like_single_process(results, mode):
     assert r['optim_abs'] <= 1e-3  # gathered AdamW moments vs the single process's (same steps)
     assert r['optim_roundtrip_abs'] == 0.0  # load_full_optim_state_dict(full) -> full_optim_state_dict
     assert r['dtensor_params'] > 0  # really sharded by fully_shard
+    # foreach AdamW (fused's grouping) never sees plain tensors and DTensors in one group
+    assert r['mixed_groups'] == 0
     if mode == 'fsdp_ep':  # expert shards stay with EP (ignored by FSDP): 2 layers x 4 tensors
         assert r['plain_params'] == 8
+        assert r['param_groups'] == 4  # (decay, no decay) x (DTensor, plain)
     else:
         assert r['plain_params'] == 0
+        assert r['param_groups'] == 2
 
 
 def test_clear_errors(results):

@@ -1,0 +1,230 @@
+"""CUDA's rules, enforced on a CPU, so CPU CI fails the way a GPU would.
+
+- `cuda_grouped_mm`: F.grouped_mm as CUDA runs it. Its output (and, since backward is grouped_mm
+  again, its input gradient) is allocated uninitialised and only rows < offs[-1] are written: here the
+  other rows come back as NaN, every time (CPU's kernel leaves whatever memory held, often zeros).
+  Row strides must be multiples of 16 bytes and 16-byte aligned, offs int32, both operands one dtype.
+- Compile: torch.compile(backend='aot_eager') runs the real meta functions (grouped_mm's accepts
+  bf16 only), for every (dtype, expert_impl, capacity) train.py can select on a GPU.
+- Optimizers: foreach AdamW over FSDP / EP / FSDP+EP runs in tests/test_parallel.py.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (HAS_GROUPED_MM, MoEGPT, MoEGPTConfig, MoELayer, ROUTERS, GroupedExperts,  # noqa: E402
+                   use_grouped_mm)
+
+pytestmark = pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch.nn.functional.grouped_mm needs torch >= 2.8')
+
+
+def check_cuda_layout(name, t):
+    """CUDA grouped_mm: one of the last two strides is 1, the other a multiple of 16 bytes; the data
+    pointer 16-byte aligned."""
+    s, b = t.stride(), t.element_size()
+    ok = (s[-1] == 1 and (s[-2] * b) % 16 == 0) or (s[-2] == 1 and (s[-1] * b) % 16 == 0)
+    if not ok or t.data_ptr() % 16:
+        raise RuntimeError(f'{name}: strides should be multiple of 16 bytes (strides {s}, {t.dtype})')
+
+
+def segments(offs):
+    starts = [0] + offs.tolist()[:-1]
+    return list(zip(starts, offs.tolist()))
+
+
+class _CudaGroupedMM(torch.autograd.Function):
+    """2-D rows x 3-D experts with offs, as the model calls it. Output rows >= offs[-1]: NaN."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a, b, offs)
+        return _cuda_forward(a, b, offs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, offs = ctx.saved_tensors
+        grad_a = _cuda_forward(g.contiguous(), b.transpose(-2, -1), offs)  # grouped_mm again: NaN tail
+        grad_b = torch.zeros_like(b)  # an expert with no rows gets a zero gradient
+        for e, (lo, hi) in enumerate(segments(offs)):
+            grad_b[e] = a[lo:hi].t() @ g[lo:hi]
+        return grad_a, grad_b, None
+
+
+def _cuda_forward(a, b, offs):
+    check_cuda_layout('mat_a', a)
+    check_cuda_layout('mat_b', b)
+    if a.dtype != b.dtype or a.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise RuntimeError(f'grouped_mm: unsupported dtypes {a.dtype}, {b.dtype}')
+    if offs.dtype != torch.int32:
+        raise RuntimeError('grouped_mm: offs must be int32')
+    out = torch.full((a.shape[0], b.shape[-1]), float('nan'), dtype=a.dtype)
+    for e, (lo, hi) in enumerate(segments(offs)):
+        out[lo:hi] = a[lo:hi] @ b[e]
+    return out
+
+
+def emulated_grouped_mm(mat_a, mat_b, *, offs=None, bias=None, out_dtype=None):
+    assert offs is not None and bias is None and out_dtype is None
+    return _CudaGroupedMM.apply(mat_a, mat_b, offs)
+
+
+@pytest.fixture
+def cuda_grouped_mm(monkeypatch):
+    monkeypatch.setattr(F, 'grouped_mm', emulated_grouped_mm)
+
+
+def test_emulator_has_cudas_nan_tail_and_stride_rule(cuda_grouped_mm):
+    a, b = torch.randn(10, 8), torch.randn(2, 8, 4)
+    y = F.grouped_mm(a, b, offs=torch.tensor([3, 7], dtype=torch.int32))
+    assert torch.isnan(y[7:]).all() and torch.equal(y[3:7], a[3:7] @ b[1])
+    with pytest.raises(RuntimeError, match='16 bytes'):
+        F.grouped_mm(torch.randn(10, 6), torch.randn(2, 6, 4), offs=torch.tensor([3, 7], dtype=torch.int32))
+
+
+def make_layer(seed=0, **kw):
+    cfg = dict(n_embd=16, n_head=2, n_experts=6, top_k=2, expert_hidden=24, bias=True, dropout=0.0,
+               block_size=32, vocab_size=32)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    layer = MoELayer(MoEGPTConfig(**cfg))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer
+
+
+def run_layer(layer, impl, x, g, seed=0):
+    layer.experts.expert_impl = impl
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # noisy_topk draws its noise in training
+    out, aux = layer(x)
+    (out * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads, aux
+
+
+@pytest.mark.parametrize('router', ROUTERS)
+@pytest.mark.parametrize('capacity_factor', [0.0, 0.75])
+@pytest.mark.parametrize('bias,activation', [(True, 'gelu'), (False, 'swiglu')])
+def test_grouped_under_cuda_rules_equals_loop(cuda_grouped_mm, router, capacity_factor, bias, activation):
+    """Every router, dropless and capacity (with real drops), bias on and off: grouped_mm under CUDA's
+    uninitialised-rows rule gives the loop's outputs and gradients, all finite; dropped rows add 0."""
+    layer = make_layer(router=router, capacity_factor=capacity_factor, bias=bias, activation=activation)
+    layer.train()
+    x, g = torch.randn(2, 16, 16), torch.randn(2, 16, 16)
+    ref = run_layer(layer, 'loop', x, g)
+    got = run_layer(layer, 'grouped', x, g)
+    if capacity_factor and router in ('softmax', 'noisy_topk', 'sigmoid'):
+        assert got[3]['drop_frac'].item() > 0.05, 'the test needs real drops'
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert got[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        assert torch.isfinite(got[2][n]).all(), f'{n}: non-finite gradient'
+        torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_model_capacity_training_step_finite_under_cuda_rules(cuda_grouped_mm):
+    """A whole MoEGPT step in capacity mode (drops in every layer) through CUDA's grouped_mm."""
+    cfg = MoEGPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=32, n_experts=4, top_k=2,
+                       capacity_factor=0.5, bias=True, expert_impl='grouped', router_init_std=0.5)
+    torch.manual_seed(0)
+    model = MoEGPT(cfg)
+    idx = torch.randint(32, (4, 16))
+    _, loss, stats = model(idx, idx)
+    loss.backward()
+    assert stats['drop_frac'].min().item() > 0.1
+    assert torch.isfinite(loss)
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+
+
+def test_expert_bias_grads_accumulate_in_fp32_under_bf16():
+    """~N/E rows per expert summed into one bias gradient: a dense Linear does it in fp32; so must the
+    experts (in bf16 the sum loses 7-50%). The gradient reaching y_ND is exactly representable in
+    bf16, so the float64 sum of it is the exact answer."""
+    cfg = MoEGPTConfig(n_embd=16, n_head=2, n_experts=2, top_k=1, expert_hidden=16, bias=True,
+                       expert_impl='grouped', block_size=8, vocab_size=8)
+    ex = GroupedExperts(cfg)
+    N = 4096
+    counts = torch.tensor([N // 2, N // 2])
+    ids = torch.arange(2).repeat_interleave(N // 2)
+    x = torch.randn(N, 16)
+    g = (torch.rand(N, 16) + 1.0).to(torch.bfloat16)  # positive: the errors can't cancel
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = ex(x, counts, ids)
+    assert y.dtype == torch.bfloat16
+    y.backward(g)
+    ref = torch.zeros(2, 16, dtype=torch.float64).index_add_(0, ids, g.double())
+    rel = ((ex.b2_ED.grad.double() - ref).abs() / ref).max().item()
+    assert ex.b2_ED.grad.dtype == torch.float32
+    assert rel < 1e-4, f'expert bias gradient off by {rel:.1%} (bf16 accumulation)'
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+@pytest.mark.parametrize('field,kw', [('n_embd', dict(n_embd=20, n_head=2)), ('expert_hidden', dict(expert_hidden=20))])
+def test_grouped_needs_16_byte_rows_clear_config_error(field, kw):
+    cfg = dict(n_embd=16, n_head=2, n_experts=4, top_k=2, expert_impl='grouped')
+    cfg.update(kw)
+    with pytest.raises(ValueError, match=rf'MoEGPTConfig\.{field}=20 must be a multiple of 8'):
+        MoEGPTConfig(**cfg)
+    # 'auto' is accepted and takes the loop where grouped_mm's strides would be misaligned
+    cfg['expert_impl'] = 'auto'
+    layer = MoELayer(MoEGPTConfig(**cfg))
+    assert not layer.experts.aligned
+    assert not use_grouped_mm('auto', 'cuda', torch.bfloat16, layer.experts.aligned)
+
+
+def test_misaligned_rows_fail_like_cuda(cuda_grouped_mm):
+    """What the config check prevents: n_embd=20 in bf16 is 40-byte rows."""
+    ex = GroupedExperts(MoEGPTConfig(n_embd=20, n_head=2, n_experts=2, top_k=1, expert_hidden=16))
+    ex.expert_impl = 'grouped'
+    with torch.autocast('cpu', dtype=torch.bfloat16), pytest.raises(RuntimeError, match='16 bytes'):
+        ex(torch.randn(8, 20), torch.tensor([4, 4]), torch.tensor([0] * 4 + [1] * 4))
+
+
+# ----------------------------------------------------------------------------- compile
+
+def test_auto_picks_grouped_only_where_it_compiles():
+    assert use_grouped_mm('auto', 'cuda', torch.bfloat16)
+    assert not use_grouped_mm('auto', 'cuda', torch.float16)  # pre-Ampere GPUs: fp16 + GradScaler
+    assert not use_grouped_mm('auto', 'cuda', torch.float32)
+    assert not use_grouped_mm('auto', 'cpu', torch.bfloat16)  # CPU: the loop measured faster
+    assert not use_grouped_mm('auto', 'cuda', torch.bfloat16, aligned=False)
+    assert use_grouped_mm('grouped', 'cpu', torch.float32) and not use_grouped_mm('loop', 'cuda', torch.bfloat16)
+
+
+# (dtype, expert_impl, capacity): every choice train.py can compile on a GPU; 'auto' resolved as on CUDA.
+# Forced 'grouped' in fp16/fp32 runs grouped_mm outside the graph (model.grouped_mm_eager).
+COMPILE_CASES = [(dt, impl, cf) for dt in ('bfloat16', 'float16', 'float32') for impl in ('auto', 'grouped', 'loop')
+                 for cf in (0.0, 1.25)]
+
+
+@pytest.mark.parametrize('dtype,impl,capacity_factor', COMPILE_CASES)
+def test_compiles_for_every_dtype_train_py_allows(dtype, impl, capacity_factor):
+    """aot_eager traces with the real meta functions (grouped_mm's rejects fp32/fp16), then runs the
+    traced graph eagerly: forward + backward equal to eager."""
+    dt = getattr(torch, dtype)
+    resolved = 'grouped' if use_grouped_mm(impl, 'cuda', dt) else 'loop'
+    layer = make_layer(capacity_factor=capacity_factor, bias=True)
+    x, g = torch.randn(2, 16, 16), torch.randn(2, 16, 16)
+    torch._dynamo.reset()
+    ctx = torch.autocast('cpu', dtype=dt, enabled=dt != torch.float32)
+
+    def fwd_bwd(fn):
+        layer.experts.expert_impl = resolved
+        layer.zero_grad(set_to_none=True)
+        with ctx:
+            out, _ = fn(x)
+        (out.float() * g).sum().backward()
+        return out.float().detach(), layer.experts.w1_EDF.grad.clone(), layer.experts.b1_EF.grad.clone()
+
+    ref = fwd_bwd(layer)
+    got = fwd_bwd(torch.compile(layer, backend='aot_eager'))
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
