@@ -39,6 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import hardware
 from model import MoEGPT, MoEGPTConfig, MoELayer, activation_fn
 
 # ----------------------------------------------------------------------------- sizes
@@ -115,10 +116,9 @@ def peak_matmul_flops(device, dtype):
     no datasheet number that means anything here, so we measure a large matmul and use that."""
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
-        table = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12}
-        for k, v in table.items():
-            if k in name:
-                return v * (1.0 if dtype in (torch.bfloat16, torch.float16) else 0.5), f'{name} datasheet'
+        peak = hardware.gpu_peak_flops(name, dtype)  # the table train.py's MFU uses too
+        if peak is not None:
+            return peak, f'{name} datasheet'
         n = 8192
     else:
         n = 2048
@@ -353,8 +353,8 @@ def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, bu
     if compile_:
         layer_c = torch.compile(layer)
         dense_c = torch.compile(dense)
-        fns['grouped+compile'] = lambda: fwd_bwd(lambda v: (setattr(layer.experts, 'expert_impl', 'grouped'),
-                                                            layer_c(v)[0])[1], x, g, lp)
+        fns['ours+compile'] = lambda: fwd_bwd(lambda v: (setattr(layer.experts, 'expert_impl', 'auto'),
+                                                         layer_c(v)[0])[1], x, g, lp)
         fns['dense+compile'] = lambda: fwd_bwd(dense_c, x, g, dp)
     t = time_interleaved(fns, device, repeats)
     t['ours'] = t[auto_impl]  # 'auto' runs exactly the impl it resolves to: same code, same time
@@ -368,7 +368,7 @@ def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, bu
     row['ours_vs_dense'] = t['dense'] / t['ours']  # >= 0.85 is the goal; 1.0 = as fast as dense
     row['tflops_ours'] = 6 * T * K * D * H * 2 / t['ours'] / 1e12  # expert matmul FLOPs, fwd+bwd
     if compile_:
-        row['compiled_vs_dense_compiled'] = t['dense+compile'] / t['grouped+compile']
+        row['compiled_vs_dense_compiled'] = t['dense+compile'] / t['ours+compile']
     return row
 
 
@@ -592,7 +592,7 @@ def print_report(res):
     hdr = ['D', 'experts', 'H', 'dense H', 'tokens', 'ours(auto)', 'grouped', 'loop', 'tutorial',
            'onehot', 'dense', 'x tutorial', 'x onehot', 'ours/dense']
     if res['meta']['compile']:
-        hdr += ['grp+cmp', 'dense+cmp', 'cmp/dense']
+        hdr += ['ours+cmp', 'dense+cmp', 'cmp/dense']
     rows = []
     for r in res['layer']:
         ms = r['ms']
@@ -603,7 +603,7 @@ def print_report(res):
                (fmt(r['speedup_vs_onehot']) + 'x') if r['speedup_vs_onehot'] else 'OOM',
                fmt(r['ours_vs_dense'])]
         if res['meta']['compile']:
-            row += [fmt(ms['grouped+compile'], '.1f'), fmt(ms['dense+compile'], '.1f'),
+            row += [fmt(ms['ours+compile'], '.1f'), fmt(ms['dense+compile'], '.1f'),
                     fmt(r['compiled_vs_dense_compiled'])]
         rows.append([str(c) for c in row])
     print_table(hdr, rows)
@@ -652,7 +652,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', default=None, help='default: float32 on CPU, bfloat16 on CUDA')
+    p.add_argument('--dtype', default=None, help="default: dtype 'auto' of train.py (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU)")
     p.add_argument('--quick', action='store_true', help='tiny sizes (CI smoke run, seconds)')
     p.add_argument('--balanced', action='store_true', help='force uniform round-robin routing')
     p.add_argument('--compile', action='store_true', help='also time torch.compile-d ours/dense/model')
@@ -676,7 +676,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.dtype = args.dtype or ('bfloat16' if args.device.startswith('cuda') else 'float32')
+    args.dtype = args.dtype or hardware.auto_dtype(torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._mem_child:
