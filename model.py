@@ -27,6 +27,7 @@ ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu', 'swish', 'tanh', 'swiglu')
 EXPERT_IMPLS = ('auto', 'grouped', 'loop')
 ROUTERS = ('softmax', 'noisy_topk', 'sigmoid', 'expert_choice', 'soft')
 BALANCE_SCOPES = ('micro_batch', 'sequence', 'global')
+CAPACITY_PRIORITIES = ('choice', 'position')
 HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
 # expert_impl='auto' (use_grouped_mm): grouped_mm on GPUs in bf16 (one kernel for all experts). On CPU the
 # slice loop, measured faster at every expert count on a 2-core machine (fp32, fwd+bwd, n_embd 384,
@@ -55,6 +56,8 @@ class MoEGPTConfig:
     moe_dropout: Optional[float] = None  # dropout on the MoE output; None = use dropout
     capacity_factor: float = 0.0  # 0 = dropless; >0 = Switch capacity, overflow dropped
     eval_capacity_factor: Optional[float] = None  # in eval mode; None = same as capacity_factor
+    capacity_priority: str = 'choice'  # which assignments capacity keeps: choice (GShard: all first
+    # choices of the batch first; not causal) | position (earlier positions first: causal)
     norm_topk_prob: bool = True  # renormalise the k gates to sum to 1 (Mixtral); False = Switch
     router_fp32: bool = True  # router matmul + softmax in fp32 even under autocast
     router_init_std: float = 0.01  # small router init: near-uniform routing at step 0 (seed 002)
@@ -94,6 +97,7 @@ class MoEGPTConfig:
             ('capacity_factor', self.capacity_factor >= 0, 'must be >= 0 (0 = dropless)'),
             ('eval_capacity_factor', self.eval_capacity_factor is None or self.eval_capacity_factor >= 0,
              'must be None or >= 0 (0 = dropless)'),
+            ('capacity_priority', self.capacity_priority in CAPACITY_PRIORITIES, f'must be one of {CAPACITY_PRIORITIES}'),
             ('router_init_std', self.router_init_std >= 0, 'must be >= 0'),
             ('aux_loss_coef', self.aux_loss_coef >= 0, 'must be >= 0'),
             ('z_loss_coef', self.z_loss_coef >= 0, 'must be >= 0'),
@@ -117,6 +121,29 @@ class MoEGPTConfig:
             self.top_k = 1  # a single expert is the dense MLP; top_k is moot
         if self.router == 'soft':
             self.top_k = self.n_experts  # every token through every expert
+
+    @property
+    def causal(self):
+        """Whether a token's output depends only on tokens at its position or earlier, in any
+        sequence of the micro-batch: what a causal LM needs. Not so for expert choice (each expert
+        ranks all tokens, later ones included) and for capacity with capacity_priority='choice' (a
+        later token's first choice can drop an earlier token's second choice; with top-1, sequence
+        b's later tokens can drop sequence b+1's earlier ones). tests/test_causality.py probes it."""
+        if self.n_experts == 1:
+            return True
+        if self.router == 'expert_choice':
+            return False
+        return not self.has_capacity or self.capacity_priority == 'position'
+
+    @property
+    def batch_dependent(self):
+        """Whether a token's output depends on the other sequences of its micro-batch (capacity drops,
+        expert choice): then the same text can give other logits in another batch."""
+        return self.n_experts > 1 and (self.router == 'expert_choice' or self.has_capacity)
+
+    @property
+    def has_capacity(self):
+        return self.capacity_factor > 0 or (self.eval_capacity_factor or 0) > 0
 
     def is_moe_layer(self, i):
         return (self.n_experts > 1 and i >= self.moe_first_dense
@@ -420,6 +447,7 @@ class MoELayer(nn.Module):
         self.eval_capacity_factor = (config.capacity_factor if config.eval_capacity_factor is None
                                      else config.eval_capacity_factor)
         self.balance_scope = config.balance_scope
+        self.capacity_priority = config.capacity_priority
         self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
 
     @property
@@ -441,7 +469,7 @@ class MoELayer(nn.Module):
                 self.route_expert_choice(probs_TE, capacity_factor)
         else:
             token_of_N, gate_N, counts_E, kept_counts_E, expert_of_N, kept_N1 = \
-                self.route_token_choice(topk_ids_TK, gates_TK, capacity_factor, T)
+                self.route_token_choice(topk_ids_TK, gates_TK, capacity_factor, B, S)
 
         x_ND = x_TD[token_of_N]                                                # (N, D) gather, expert-sorted
         if kept_N1 is not None:
@@ -473,13 +501,21 @@ class MoELayer(nn.Module):
                 aux['routing'].update(topk_ids=topk_ids_TK.view(B, S, -1), topk_weights=gates_TK.view(B, S, -1))
         return out_BSD, aux
 
-    def route_token_choice(self, topk_ids_TK, gates_TK, capacity_factor, T):
-        """Each token picked k experts: sort the N = T*K assignments by expert. Assignment
-        n = k*T + t (k-major), so a stable sort keeps, inside each expert, all first choices before
-        any second choice: the priority order capacity dropping needs."""
-        E = self.n_experts
-        ids_N = topk_ids_TK.t().reshape(-1)                                    # (N,)
-        gates_N = gates_TK.t().reshape(-1)                                     # (N,)
+    def route_token_choice(self, topk_ids_TK, gates_TK, capacity_factor, B, S):
+        """Each token picked k experts: sort the N = T*K assignments by expert, stably, so that inside
+        each expert the assignments keep their priority order (what capacity dropping keeps first).
+        capacity_priority 'choice' (GShard/Switch): n = k*T + t, every first choice of the micro-batch
+        before any second choice. A token's second choice can then be dropped because of a *later*
+        token's first choice, in its own or another sequence: the future leaks into the present.
+        'position' (causal): n = s*K*B + k*B + b, all assignments of position s before those of
+        s+1, so a token's drops depend only on tokens at its position or earlier."""
+        E, T, K = self.n_experts, B * S, topk_ids_TK.shape[1]
+        t_TK = torch.arange(T, device=topk_ids_TK.device).unsqueeze(1).expand(T, K)
+        if capacity_factor > 0 and self.capacity_priority == 'position':
+            perm = lambda v_TK: v_TK.view(B, S, K).permute(1, 2, 0).reshape(-1)  # (S, K, B) order
+        else:
+            perm = lambda v_TK: v_TK.t().reshape(-1)                             # (K, T) order
+        ids_N, gates_N, token_N = perm(topk_ids_TK), perm(gates_TK), perm(t_TK)  # (N,) each, priority order
         counts_E = torch.zeros(E, dtype=torch.long, device=ids_N.device)
         counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))                # (E,) tokens per expert
         kept_counts_E, kept_N1 = counts_E, None
@@ -490,7 +526,7 @@ class MoELayer(nn.Module):
         if capacity_factor > 0:
             # Dropped rows (expert id E) sort last, past every expert's slice: masked to exactly 0.
             kept_N1 = (sorted_ids_N < E).unsqueeze(1)
-        return order_N % T, gates_N[order_N], counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1
+        return token_N[order_N], gates_N[order_N], counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1
 
     def apply_capacity(self, ids_N, counts_E, capacity_factor, T):
         """Switch/GShard capacity: each expert keeps its first `capacity` assignments in priority
@@ -578,7 +614,7 @@ class MoEGPT(nn.Module):
         if config.n_experts > 1 and config.router == 'expert_choice':
             warnings.warn('router=expert_choice: each expert picks tokens across the whole batch, later '
                           'positions included, so a causal LM trained with it sees the future; its '
-                          'losses are not comparable with token-choice routers (README: Routing zoo)')
+                          'losses are not comparable with token-choice routers (docs/routing_zoo.md)')
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2*n_layer); expert output projections too.
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -757,14 +793,16 @@ class MoEGPT(nn.Module):
         extra = dict(fused=True) if use_fused and not foreach else dict(foreach=foreach)
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        """Model FLOPs utilisation on *active* parameters (PaLM appendix B), against peak_flops
-        (default: A100 bf16 312 TFLOPS; H100 SXM dense bf16 is ~989e12)."""
-        N = self.get_num_params().active
+    def flops_per_token(self):
+        """Training FLOPs (forward + backward) per token of a full block_size sequence: 6 x the
+        active parameters plus attention's 12*L*H*Q*T (PaLM appendix B)."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T
-        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return 6 * self.get_num_params().active + 12 * L * H * Q * T
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation on *active* parameters against peak_flops (hardware.py)."""
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
