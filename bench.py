@@ -20,6 +20,8 @@ Sections
       dense:    one MLP of hidden top_k*expert_hidden: the same active FLOPs; the target to reach
  2. Whole-model training step (fwd+bwd+AdamW): tokens/s and MFU on active params, MoE vs the dense
     model of equal active FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd).
+    2b (CPU): the same at nanoGPT's CPU recipe (config/moe_8e_cpu.py sizes), experts 4D/top_k wide
+    against nanoGPT's dense model: the routing overhead of a small model, where it weighs most.
  3. Peak memory of a training step for the same pairs.
  4. Sampling tokens/s with and without the KV cache (once MoEGPT.generate has use_cache).
  5. torch.compile: graph breaks of the MoE layer (torch._dynamo.explain), dropless and capacity.
@@ -57,7 +59,10 @@ PRESETS = {
                             vocab_size=50304)),
     'cpu': dict(n_embd=[384], tokens=[4096, 8192, 16384], repeats=3,
                 model=dict(n_layer=4, n_head=6, n_embd=384, block_size=256, batch_size=4,
-                           vocab_size=50304)),
+                           vocab_size=50304),
+                # nanoGPT's CPU recipe (config/moe_8e_cpu.py's sizes), equal active FLOPs
+                recipe=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65,
+                            narrow=True)),
     'quick': dict(n_embd=[64], tokens=[256], repeats=2,
                   model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4,
                              vocab_size=256)),
@@ -378,6 +383,11 @@ def model_configs(mcfg, E=8, K=2):
     base = dict(n_layer=mcfg['n_layer'], n_head=mcfg['n_head'], n_embd=mcfg['n_embd'],
                 block_size=mcfg['block_size'], vocab_size=mcfg['vocab_size'], dropout=0.0)
     D = mcfg['n_embd']
+    if mcfg.get('narrow'):  # the dense model stays nanoGPT's (hidden 4D); experts 4D/K wide
+        return {
+            f'moe {E}e top-{K} (H=4D/{K})': MoEGPTConfig(**base, n_experts=E, top_k=K, expert_hidden=4 * D // K),
+            'dense (hidden 4D)': MoEGPTConfig(**base, n_experts=1, expert_hidden=4 * D),
+        }
     return {
         f'moe {E}e top-{K}': MoEGPTConfig(**base, n_experts=E, top_k=K, expert_hidden=4 * D),
         f'dense (hidden {K}x4D)': MoEGPTConfig(**base, n_experts=1, expert_hidden=K * 4 * D),
@@ -614,6 +624,12 @@ def print_report(res):
                   f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
                   fmt(r.get('vs_dense'))] for r in res['model']])
 
+    if res.get('recipe'):
+        print('\n## 2b. training step at the CPU recipe (config/moe_8e_cpu.py sizes), equal active FLOPs')
+        print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'speed vs dense'],
+                    [[r['model'], f"{r['params_total'] / 1e6:.2f}M", f"{r['params_active'] / 1e6:.2f}M",
+                      f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", fmt(r.get('vs_dense'))] for r in res['recipe']])
+
     print('\n## 3. peak memory of a training step')
     print_table(['model', 'peak MiB', 'vs dense', 'method'],
                 [[r['model'], f"{r['peak_mib']:.0f}", fmt(r.get('vs_dense')), r['method']] for r in res['memory']])
@@ -728,6 +744,9 @@ def main(argv=None):
             res['meta'].update(peak_flops=peak_flops, peak_how=peak_how + ', just before the model step')
         res['model'] = bench_model(mcfg, device, dtype, max(repeats, 3), args.balanced, args.compile,
                                    peak_flops)
+        if 'recipe' in preset:  # small steps: many repeats for a stable median
+            res['recipe'] = bench_model(preset['recipe'], device, dtype, 30, args.balanced, args.compile,
+                                        peak_flops)
     res['memory'] = []
     if 'memory' not in skip:
         log('memory ...')

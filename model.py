@@ -170,6 +170,14 @@ def activation_fn(name, h):
     return F.silu(gate) * up
 
 
+def fused_adamw_supported(device_type):
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return device_type in _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch: CUDA only
+        return device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+
+
 def compute_dtype(x):
     """The dtype matmuls run in: autocast's if it is on, else the input's."""
     dev = x.device.type
@@ -471,7 +479,7 @@ class MoELayer(nn.Module):
             token_of_N, gate_N, counts_E, kept_counts_E, expert_of_N, kept_N1 = \
                 self.route_token_choice(topk_ids_TK, gates_TK, capacity_factor, B, S)
 
-        x_ND = x_TD[token_of_N]                                                # (N, D) gather, expert-sorted
+        x_ND = x_TD.index_select(0, token_of_N)                                # (N, D) gather, expert-sorted
         if kept_N1 is not None:
             x_ND = torch.where(kept_N1, x_ND, 0)
         y_ND = self.experts(x_ND, kept_counts_E, expert_of_N, kept_N1)        # (N, D)
@@ -521,12 +529,14 @@ class MoELayer(nn.Module):
         kept_counts_E, kept_N1 = counts_E, None
         if capacity_factor > 0:
             ids_N, kept_counts_E = self.apply_capacity(ids_N, counts_E, capacity_factor, T)
-        order_N = torch.argsort(ids_N, stable=True)                           # (N,) sorted row -> assignment
-        sorted_ids_N = ids_N[order_N]                                          # (N,) expert of each row
+        sorted_ids_N, order_N = torch.sort(ids_N, stable=True)                # (N,) expert of each row, row -> assignment
         if capacity_factor > 0:
             # Dropped rows (expert id E) sort last, past every expert's slice: masked to exactly 0.
             kept_N1 = (sorted_ids_N < E).unsqueeze(1)
-        return token_N[order_N], gates_N[order_N], counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1
+        # index_select, not v[order_N]: 5x faster on CPU, and its backward is an index_add_, not an
+        # accumulating index_put_
+        token_of_N, gate_N = token_N.index_select(0, order_N), gates_N.index_select(0, order_N)
+        return token_of_N, gate_N, counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1
 
     def apply_capacity(self, ids_N, counts_E, capacity_factor, T):
         """Switch/GShard capacity: each expert keeps its first `capacity` assignments in priority
@@ -778,7 +788,9 @@ class MoEGPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, foreach=None):
         """AdamW; matmul weights, stacked experts and embeddings decay, biases and norms don't
-        (nanoGPT's rule). Fused on CUDA. Fused and foreach AdamW update a whole param
+        (nanoGPT's rule). Fused wherever torch has the kernel (CUDA; CPU since torch 2.4, where it
+        is 8x faster than the per-tensor loop on the stacked experts: 10.9 -> 1.3 ms per step at the
+        CPU recipe's 8 experts, torch 2.13, 1 thread). Fused and foreach AdamW update a whole param
         group in one multi-tensor call, which can't mix plain tensors with FSDP2's DTensors
         ("got mixed torch.Tensor and DTensor": FSDP2 + expert parallelism, whose expert shards stay
         plain), so each kind gets param groups of its own. foreach: force it (tests)."""
@@ -789,8 +801,7 @@ class MoEGPT(nn.Module):
                 groups.setdefault((decay, type(p).__name__ == 'DTensor'), []).append(p)
         optim_groups = [{'params': ps, 'weight_decay': weight_decay if decay else 0.0}
                         for (decay, _), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
-        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
-        extra = dict(fused=True) if use_fused and not foreach else dict(foreach=foreach)
+        extra = dict(fused=True) if fused_adamw_supported(device_type) and not foreach else dict(foreach=foreach)
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_token(self):
