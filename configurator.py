@@ -1,10 +1,11 @@
 """
-The config system train.py (and later sample.py) use, nanoGPT style but checked:
+The config system train.py and sample.py use, nanoGPT style but checked:
 
     python train.py config/moe_8e.py --batch_size=32 --compile=False
 
 Arguments are applied in order: a path is a Python config file (its top-level names are config
-keys), `--key=value` overrides one key (value parsed as a Python literal, else taken as a string).
+keys), `--key=value` overrides one key (value parsed as a Python literal, else taken as a string),
+and `--flag` alone means `--flag=True` for a key that takes a bool (`--compile`, `--show_routing`).
 Every key must already exist in the defaults and keep its type, so a typo or a wrong type stops the
 run with one clear message (ConfigError) instead of silently training the wrong thing.
 """
@@ -82,11 +83,14 @@ def load(defaults, argv, types=None):
 
     for arg in argv:
         if arg.startswith('--'):
-            if '=' not in arg:
-                raise ConfigError(f"bad argument '{arg}': overrides are written --key=value")
-            key, raw = arg[2:].split('=', 1)
+            key, eq, raw = arg[2:].partition('=')
             if key not in defaults:
                 raise _unknown(key, list(defaults), arg)
+            if not eq:  # --flag alone: True, for the keys that take a bool (as people write flags)
+                if bool not in types[key]:
+                    raise ConfigError(f"bad argument '{arg}': overrides are written --key=value "
+                                      f'(--{key} alone means True, for True/False keys only)')
+                raw = 'True'
             apply(key, _parse_value(raw, types[key]), arg)
         elif arg.startswith('-'):
             raise ConfigError(f"bad argument '{arg}': overrides are written --key=value")
@@ -97,6 +101,7 @@ def load(defaults, argv, types=None):
 
 
 def usage(defaults, prog='train.py'):
-    lines = [f'usage: python {prog} [config/file.py ...] [--key=value ...]', '', 'keys (default):']
+    lines = [f'usage: python {prog} [config/file.py ...] [--key=value ...] [--flag (= --flag=True)]', '',
+             'keys (default):']
     lines += [f'  {k} = {v!r}' for k, v in defaults.items()]
     return '\n'.join(lines)
