@@ -2,9 +2,12 @@
 Sample from a trained moe-gpt checkpoint (or from pretrained GPT-2), nanoGPT style.
 
 $ python sample.py --out_dir=out-moe-8e
-$ python sample.py --out_dir=out-moe-8e --start="ROMEO:" --temperature=0 --show_routing=True
+$ python sample.py --out_dir=out-moe-8e --start="ROMEO:" --temperature=0 --show_routing
 $ python sample.py --start=FILE:prompt.txt --num_samples=2 --max_new_tokens=200
 $ python sample.py --init_from=gpt2 --start="Hello, I'm a language model,"   (needs transformers + network)
+
+No --compile: compiled sampling recompiles for every layer and every KV-cache length and breaks the graph
+in attention, so it is not faster than eager; the KV cache is what makes sampling fast.
 """
 import os
 import sys
@@ -15,6 +18,7 @@ import torch
 
 import checkpoint
 import configurator
+import hardware
 from model import MoEGPT, MoEGPTConfig
 from prepare import DataError, get_codec, load_meta
 
@@ -29,8 +33,8 @@ top_k = 200  # keep the top_k most likely tokens; 0 = off
 top_p = 1.0  # nucleus sampling; 1.0 = off
 seed = 1337
 device = 'auto'  # 'auto' = cuda, else mps, else cpu
-dtype = 'auto'  # 'auto' = bfloat16 on CUDA if supported, else float16; float32 elsewhere
-compile = False  # torch.compile the forward (dynamic shapes: the KV cache grows every step)
+dtype = 'auto'  # 'auto' = bfloat16 on a GPU that has it natively, else float16; float32 elsewhere
+compile = False  # not offered (True is refused): compiled sampling is not faster, see the docstring
 use_cache = True  # KV cache: the prompt once, then one token per step
 show_routing = False  # print which experts every generated token went to, per MoE layer
 data_dir = ''  # where the dataset's meta.json is; '' = the data_dir the checkpoint was trained with
@@ -54,6 +58,9 @@ except configurator.ConfigError as e:
 globals().update(_config)
 if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 or max_new_tokens < 0:
     fail('need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1, max_new_tokens >= 0')
+if compile:
+    fail('--compile=True is not offered: compiled sampling recompiles for every layer and every KV-cache '
+         'length and breaks the graph in attention, so it is slower than eager; sample without it')
 
 # device and dtype
 if device == 'auto':
@@ -64,9 +71,11 @@ if device == 'mps' and not torch.backends.mps.is_available():
     fail('device=mps asked for, but MPS is not available (use --device=cpu)')
 device_type = 'cuda' if device.startswith('cuda') else device
 if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    dtype = hardware.auto_dtype(device_type)  # native bf16 only: emulated bf16 (V100, T4) is slow
 if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
+if dtype == 'bfloat16' and device_type == 'cuda' and not hardware.bf16_supported():
+    fail("dtype='bfloat16' is not supported natively by this GPU (emulated bf16 is slow); use 'float16' or 'auto'")
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -107,8 +116,6 @@ else:  # pretrained GPT-2: 'gpt2', 'gpt2-medium', ... or 'gpt2:PATH' for a save_
     except (ImportError, OSError, DataError) as e:
         fail(f'cannot load {init_from!r}: {str(e).splitlines()[0]}')
 model.eval().to(device)
-if compile:
-    model.forward = torch.compile(model.forward, dynamic=True)
 
 # prompt
 if start.startswith('FILE:'):

@@ -1,6 +1,7 @@
 """Issue 5: KV-cache generation, GPT-2 loading + sparse upcycling, and sample.py end to end."""
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def parse_routing(stdout):
 
 def test_sample_end_to_end_with_routing(trained_out_dir, shakespeare_char_dir):
     r = run('sample.py', f'--out_dir={trained_out_dir}', '--start=ROMEO:', '--num_samples=1',
-            '--max_new_tokens=12', '--temperature=0', '--show_routing=True', '--device=cpu')
+            '--max_new_tokens=12', '--temperature=0', '--show_routing', '--device=cpu')  # a bare bool flag
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('ROMEO:')
     rows, summary = parse_routing(r.stdout)
@@ -205,7 +206,8 @@ def test_sample_plain_and_prompt_file(trained_out_dir, tmp_path):
     assert 'tokens/s' in r.stderr
 
 
-@pytest.mark.parametrize('case', ['missing', 'corrupt', 'old_format', 'cuda', 'bad_chars', 'bad_key'])
+@pytest.mark.parametrize('case', ['missing', 'corrupt', 'old_format', 'cuda', 'bad_chars', 'bad_key', 'compile',
+                                  'compile_flag', 'flag_needs_value'])
 def test_sample_bad_input_says_what_is_wrong(case, trained_out_dir, tmp_path):
     out = trained_out_dir
     args = ['--max_new_tokens=3', '--num_samples=1']
@@ -228,12 +230,33 @@ def test_sample_bad_input_says_what_is_wrong(case, trained_out_dir, tmp_path):
     elif case == 'bad_chars':
         args.append('--start=héllo€')
         expect = "'é€'"
-    else:
+    elif case == 'bad_key':
         args.append('--temprature=0.5')
         expect = "did you mean 'temperature'"
+    elif case in ('compile', 'compile_flag'):  # not offered: it recompiles per layer and cache length
+        args.append('--compile=True' if case == 'compile' else '--compile')
+        expect = ('sample.py: error: --compile=True is not offered: compiled sampling recompiles for every layer '
+                  'and every KV-cache length and breaks the graph in attention, so it is slower than eager')
+    else:
+        args.append('--num_samples')
+        expect = "bad argument '--num_samples': overrides are written --key=value"
     r = run('sample.py', f'--out_dir={out}', *args)
-    assert r.returncode != 0
+    assert r.returncode == 1 and r.stdout == ''
     assert expect in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_sample_dtype_wants_native_bf16(tmp_path):
+    """sample.py asks hardware.py (including_emulation=False): on a GPU that only emulates bf16 (faked by a
+    sitecustomize shim: torch.cuda.is_bf16_supported() says True there) bfloat16 is refused, before any
+    checkpoint is read."""
+    (tmp_path / 'sitecustomize.py').write_text('import torch\ntorch.cuda.is_available = lambda: True\n'
+                                               'torch.cuda.is_bf16_supported = lambda including_emulation=True: '
+                                               'including_emulation\n')
+    r = subprocess.run([sys.executable, 'sample.py', '--device=cuda', '--dtype=bfloat16',
+                        f'--out_dir={tmp_path / "none"}'], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert "dtype='bfloat16' is not supported natively by this GPU" in r.stderr, r.stderr
 
 
 def test_train_init_from_gpt2_dense_and_upcycled(tmp_path, gpt2_offline, tinyshakespeare, shakespeare_char_dir):
