@@ -15,7 +15,9 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/moe_owt.py --expert_p
 $ torchrun --standalone --nproc_per_node=8 train.py config/moe_owt.py --fsdp=True
 
 Config: the defaults below, then config files and --key=value overrides in the order given
-(python train.py --help lists every key). Everything is checked before any work starts.
+(python train.py --help lists every key; --flag alone means --flag=True). Everything is checked before
+any work starts; --dry_run stops right there (world size and batch split, data, model config) and exits 0:
+$ torchrun --standalone --nproc_per_node=2 train.py config/moe_owt.py --dry_run
 """
 import dataclasses
 import json
@@ -36,7 +38,10 @@ import torch
 
 import checkpoint
 import configurator
+import hardware
+from metrics import MoEMetrics, RunLog, trim_log
 from model import MoEGPT, MoEGPTConfig
+from prepare import DataError, load_meta, prepare_command
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -59,8 +64,8 @@ wandb_run_name = ''  # '' = the name of out_dir
 # data
 dataset = 'shakespeare_char'
 data_dir = 'data'  # prepared data lives in data_dir/dataset/{train.bin,val.bin,meta.json}
-gradient_accumulation_steps = 1  # global: divided among DDP processes
-batch_size = 64  # micro-batch size per process
+gradient_accumulation_steps = 1  # as in nanoGPT, an iteration is gradient_accumulation_steps x batch_size
+batch_size = 64  # rows in all, whatever the world size: split evenly over the processes (split_rows)
 # model (every MoEGPTConfig field is a config key; the ones not set here keep the model's defaults)
 block_size = 256
 vocab_size = None  # None = the dataset's (meta.json), padded to a multiple of 64 when large
@@ -86,12 +91,13 @@ min_lr = 1e-4
 # system
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = 'auto'  # 'auto' = cuda, else mps, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'  # 'auto' = bfloat16 on CUDA if supported, else float16 (GradScaler); float32 elsewhere
+dtype = 'auto'  # 'auto' = bfloat16 on a GPU that has it natively, else float16 (GradScaler); float32 elsewhere
 compile = 'auto'  # torch.compile; 'auto' = on for CUDA only (off with expert_parallel > 1 or fsdp)
 seed = 1337
 expert_parallel = 1  # split each MoE layer's experts over this many ranks (parallel.py); divides world size
 fsdp = False  # FSDP2 (fully_shard per block): shard parameters, gradients and AdamW state over all ranks
-mfu_peak_flops = 312e12  # peak FLOP/s MFU is measured against (A100 bf16; H100 SXM ~989e12)
+mfu_peak_flops = 0.0  # 0 = the GPU's datasheet peak (hardware.py); no MFU where none is known (CPU)
+dry_run = False  # check everything (device, world size, batch split, data, checkpoint), print the config, exit 0
 # MoE logging
 dead_expert_threshold = 0.1  # an expert is dead when its load over a log interval < this x uniform
 # reliability (README: Reliability)
@@ -164,10 +170,26 @@ ddp = int(os.environ.get('RANK', -1)) != -1
 rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
 world_size = int(os.environ.get('WORLD_SIZE', 1))
 master_process = rank == 0
-check(gradient_accumulation_steps % world_size == 0,
-      f'gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of '
-      f'processes ({world_size}): each one runs gradient_accumulation_steps/{world_size} micro-steps')
-ga_local = gradient_accumulation_steps // world_size
+
+
+def split_rows(ga, bs, world):
+    """nanoGPT's meaning whatever the world size: an iteration is ga x bs rows in all; each process takes
+    an equal share, in ceil(ga / world) equal micro-steps. (micro-steps, rows each), or None: no even split."""
+    rows, steps = ga * bs, -(-ga // world)
+    return None if rows % world or rows // world % steps else (steps, rows // world // steps)
+
+
+_ga, _bs = gradient_accumulation_steps, batch_size
+if not split_rows(_ga, _bs, world_size):
+    _near = lambda works, x: ' or '.join(str(v) for v in sorted(  # the nearest values that split evenly
+        filter(works, range(1, 4 * (x + world_size * _ga))), key=lambda v: abs(v - x))[:2])
+    die(f'gradient_accumulation_steps={_ga} x batch_size={_bs} = {_ga * _bs} rows per iteration do not split evenly '
+        f'over {world_size} processes (each runs ceil({_ga}/{world_size}) = {-(-_ga // world_size)} micro-steps of '
+        f'equal size); values that work: batch_size={_near(lambda b: split_rows(_ga, b, world_size), _bs)} '
+        f'(gradient_accumulation_steps={_ga}), or gradient_accumulation_steps='
+        f'{_near(lambda g: split_rows(g, _bs, world_size), _ga)} (batch_size={_bs})')
+ga_local, micro_rows = split_rows(_ga, _bs, world_size)
+rows_per_rank = ga_local * micro_rows
 check(expert_parallel >= 1 and world_size % expert_parallel == 0,
       f'expert_parallel={expert_parallel} must be >= 1 and divide the number of processes ({world_size})')
 check(expert_parallel == 1 or (n_experts > 1 and n_experts % expert_parallel == 0),
@@ -176,19 +198,21 @@ check(fsdp in (True, False), f'fsdp={fsdp!r} must be True or False')
 check(not fsdp or ddp, 'fsdp=True needs several processes: launch with torchrun')
 sharded = expert_parallel > 1 or fsdp  # state is split over ranks: gather on save, shard on load
 
-# device, dtype, compile, backend: 'auto' follows the device
+# device, dtype, compile, backend: 'auto' follows the device. A dry run may check a device this machine
+# lacks (a GPU job, from a laptop): resolved as that device with native bf16, nothing touches it.
 _has_mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if _has_mps else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else device
-check(device_type != 'cuda' or torch.cuda.is_available(), f'device={device!r} but CUDA is not available')
-check(device_type != 'mps' or _has_mps, "device='mps' but MPS is not available")
+device_here = {'cuda': torch.cuda.is_available(), 'mps': _has_mps, 'cpu': True}[device_type]
+check(device_here or dry_run, f"device={device!r} but {'CUDA' if device_type == 'cuda' else 'MPS'} is not available")
 if ddp and device_type == 'cuda':
     device = f'cuda:{local_rank}'
 if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-check(dtype != 'bfloat16' or device_type != 'cuda' or torch.cuda.is_bf16_supported(),
-      "dtype='bfloat16' is not supported by this GPU; use 'float16' (or 'auto')")
+    dtype = 'bfloat16' if device_type == 'cuda' and not device_here else hardware.auto_dtype(device_type)
+check(dtype != 'bfloat16' or device_type != 'cuda' or not device_here or hardware.bf16_supported(),
+      "dtype='bfloat16' is not supported natively by this GPU (emulated bf16 is slow and is not compiled); "
+      "use 'float16' (or 'auto')")
 check(dtype != 'float16' or device_type == 'cuda',
       f"dtype='float16' trains with a CUDA GradScaler; on {device_type} use 'bfloat16' or 'float32'")
 if compile == 'auto':
@@ -202,27 +226,20 @@ check(backend != 'nccl' or device_type == 'cuda', "backend='nccl' needs CUDA; us
 
 # data: only the files matter (train.bin, val.bin, meta.json), not how prepare.py made them
 data_path = os.path.join(data_dir, dataset)
-prepare_cmd = ('python prepare.py ' + (dataset if dataset in ('shakespeare_char', 'shakespeare', 'openwebtext')
-                                         else f'text --input YOUR_TEXT --name {dataset}')
-               + ('' if data_dir == 'data' else f' --data_dir {data_dir}'))
-for _fn in ('meta.json', 'train.bin', 'val.bin'):
-    check(os.path.isfile(os.path.join(data_path, _fn)),
-          f"dataset '{dataset}' is not prepared ({os.path.join(data_path, _fn)} not found); "
-          f'prepare it with:\n    {prepare_cmd}')
-try:
-    with open(os.path.join(data_path, 'meta.json')) as _f:
-        meta = json.load(_f)
+check(os.path.isfile(os.path.join(data_path, 'meta.json')),
+      f"dataset '{dataset}' is not prepared ({os.path.join(data_path, 'meta.json')} not found); prepare it "
+      f'with:\n    {prepare_command(dataset, data_dir)}')
+try:  # prepare.load_meta checks the .bin sizes against meta.json
+    meta = load_meta(data_dir, dataset)
     meta_vocab_size, data_dtype = int(meta['vocab_size']), np.dtype(meta['dtype'])
+    n_tokens = {'train': int(meta['train_tokens']), 'val': int(meta['val_tokens'])}
     assert data_dtype in (np.uint16, np.uint32), f"dtype {meta['dtype']!r} is not uint16/uint32"
-except Exception as e:
-    die(f'{os.path.join(data_path, "meta.json")} is unreadable ({type(e).__name__}: {e}); '
-        f're-create it with:\n    {prepare_cmd}')
-n_tokens = {}
+except DataError as e:
+    die(f"dataset '{dataset}': {e}")
+except Exception as e:  # a meta.json that parses but lacks a field or holds a wrong value
+    die(f"dataset '{dataset}': {os.path.join(data_path, 'meta.json')} is unreadable ({type(e).__name__}: {e}); "
+        f're-create it with:\n    {prepare_command(dataset, data_dir)} --force')
 for _split in ('train', 'val'):
-    _size = os.path.getsize(os.path.join(data_path, f'{_split}.bin'))
-    check(_size % data_dtype.itemsize == 0, f'{_split}.bin of {data_path} is truncated; re-create it with:\n    '
-                                            f'{prepare_cmd}')
-    n_tokens[_split] = _size // data_dtype.itemsize
     check(n_tokens[_split] > block_size,
           f"block_size={block_size} is too long for the {_split} split of '{dataset}' ({n_tokens[_split]} "
           f'tokens; a window needs block_size+1)')
@@ -234,15 +251,19 @@ if init_from.startswith('gpt2'):
     check(meta.get('tokenizer') == 'gpt2', f"init_from={init_from!r} needs a GPT-2 BPE dataset, not '{dataset}' "
                                            f"({meta.get('tokenizer')}); e.g. python prepare.py shakespeare")
     _fixed = {'n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'activation', 'expert_hidden', 'granularity'}
-    try:
-        with torch.random.fork_rng(devices=[]):  # the same upcycle noise on every process
-            torch.manual_seed(seed)
-            pretrained = MoEGPT.from_pretrained(
-                init_from[5:] if init_from.startswith('gpt2:') else init_from, upcycle_noise=upcycle_noise,
-                **{k: globals()[k] for k in MoEGPTConfig.field_names() if k not in _fixed})
-    except Exception as e:  # no transformers, no network, no such directory, a bad override
-        die(f'init_from={init_from!r}: cannot load GPT-2 weights: {type(e).__name__}: {str(e).splitlines()[0]}')
-    globals().update({k: getattr(pretrained.config, k) for k in _fixed})
+    if dry_run:  # no weights are loaded (nor transformers, nor the network): the config is checked as set
+        check(not init_from.startswith('gpt2:') or os.path.isdir(init_from[5:]),
+              f'init_from={init_from!r}: no such directory')
+    else:
+        try:
+            with torch.random.fork_rng(devices=[]):  # the same upcycle noise on every process
+                torch.manual_seed(seed)
+                pretrained = MoEGPT.from_pretrained(
+                    init_from[5:] if init_from.startswith('gpt2:') else init_from, upcycle_noise=upcycle_noise,
+                    **{k: globals()[k] for k in MoEGPTConfig.field_names() if k not in _fixed})
+        except Exception as e:  # no transformers, no network, no such directory, a bad override
+            die(f'init_from={init_from!r}: cannot load GPT-2 weights: {type(e).__name__}: {str(e).splitlines()[0]}')
+        globals().update({k: getattr(pretrained.config, k) for k in _fixed})
 
 # model config: MoEGPTConfig validates its own fields (top_k <= n_experts, n_embd % n_head, ...)
 if vocab_size is None:  # GPU matmuls like multiples of 64 (50257 -> 50304); small char vocabs stay as is
@@ -270,8 +291,14 @@ if init_from == 'resume':
           f"init_from=resume: {ckpt_path} was trained on a vocabulary of {ckpt.get('meta_vocab_size')} but "
           f"'{dataset}' has {meta_vocab_size}")
 
-# out_dir must be writable (checked by writing a probe file)
-if master_process:
+# out_dir must be writable: checked by writing a probe file (a dry run writes nothing: then the nearest
+# existing folder on its path must be a writable folder)
+if dry_run:
+    _d = os.path.abspath(out_dir)
+    while not os.path.exists(_d):
+        _d = os.path.dirname(_d)
+    check(os.path.isdir(_d) and os.access(_d, os.W_OK | os.X_OK), f'out_dir={out_dir!r} is not writable ({_d})')
+elif master_process:
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -281,6 +308,21 @@ if master_process:
 if wandb_run_name == '':
     wandb_run_name = os.path.basename(os.path.abspath(out_dir))
 config = {k: globals()[k] for k in config_keys}  # the resolved config: plain values only
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master_process:
+    print('config (resolved):')
+    print(textwrap.fill('  '.join(f'{k}={v!r}' for k, v in config.items()), width=110, initial_indent='  ',
+                        subsequent_indent='  ', break_long_words=False, break_on_hyphens=False))
+    print(f'world size {world_size}: {_ga} x {_bs} = {_ga * _bs} rows per iteration (gradient_accumulation_steps '
+          f'x batch_size), {rows_per_rank} per process as {ga_local} micro-step{"s" * (ga_local > 1)} of '
+          f'{micro_rows}; tokens per iteration {tokens_per_iter:,}')
+if dry_run:  # before the model, the process group and out_dir
+    if master_process:
+        _not_here = (f'; {device} is not available here: checked as ' + ('a CUDA GPU with native bf16' if
+                     device_type == 'cuda' else 'MPS') + ', which nothing touched')
+        print(f"dry run: every check passed ({data_path}: {n_tokens['train']:,} train, {n_tokens['val']:,} val "
+              f"tokens{'' if device_here else _not_here}); nothing was built, written or started")
+    sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
 if ddp:
@@ -291,12 +333,7 @@ if ddp:
     dist.init_process_group(backend=backend)
     import parallel
     ep_groups = parallel.init_expert_parallel(expert_parallel) if expert_parallel > 1 else None
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
-    print('config (resolved):')
-    print(textwrap.fill('  '.join(f'{k}={v!r}' for k, v in config.items()), width=110, initial_indent='  ',
-                        subsequent_indent='  ', break_long_words=False, break_on_hyphens=False))
-    print(f'world size {world_size}, {ga_local} micro-steps per process, tokens per iteration {tokens_per_iter:,}')
     with open(os.path.join(out_dir, 'config.json'), 'w') as _f:
         json.dump(config, _f, indent=1)
     for _f in checkpoint.remove_stale_temps(out_dir):  # never read as checkpoints; just disk to free
@@ -322,14 +359,15 @@ def get_batch(split, starts):
 
 
 def next_iter_starts():
-    """Window starts of one whole iteration, (gradient_accumulation_steps, batch_size), drawn
-    identically on every process; each takes its own rows, so N processes train on exactly the
-    batch one process would. sampler_state (checkpointed) redraws them on resume."""
+    """This process's window starts for one iteration, (ga_local, micro_rows). The whole iteration's
+    (gradient_accumulation_steps, batch_size) starts are drawn identically on every process and each
+    takes its own contiguous rows_per_rank of them, so N processes train on exactly the rows one
+    process would. sampler_state (checkpointed) redraws them on resume."""
     global sampler_state
     sampler_state = data_gen.get_state()
     starts = torch.randint(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size),
                            generator=data_gen)
-    return starts[rank * ga_local:(rank + 1) * ga_local]
+    return starts.flatten()[rank * rows_per_rank:(rank + 1) * rows_per_rank].view(ga_local, micro_rows)
 
 
 # model
@@ -388,119 +426,11 @@ if ddp and not fsdp:  # FSDP reduces its own gradients
         parallel.ddp_ignore_expert_params(model)
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-# ----------------------------------------------------------------------------- stats helpers
-acc_dtype = torch.float32 if device_type == 'mps' else torch.float64  # counts stay exact in fp64
-
-
-def new_acc():
-    """Sums of per-micro-step stats, kept on device (no sync until they are logged)."""
-    z = lambda *s: torch.zeros(*s, dtype=acc_dtype, device=device)
-    return {'n': 0, 'ce': z(()), 'aux': z(()), 'z': z(()), 'counts': z(n_moe, E), 'drop': z(n_moe),
-            'entropy': z(n_moe)}
-
-
-def acc_add(acc, stats):
-    acc['n'] += 1
-    acc['ce'] += stats['ce']
-    acc['aux'] += stats['aux_loss']
-    acc['z'] += stats['z_loss']
-    acc['counts'] += stats['expert_counts']
-    acc['drop'] += stats['drop_frac']
-    acc['entropy'] += stats['router_entropy']
-
-
-def reduce_acc(acc):
-    """Means over micro-steps and processes (counts: sums), as plain Python numbers."""
-    flat = torch.cat([torch.tensor([acc['n']], dtype=acc_dtype, device=device), acc['ce'].view(1),
-                      acc['aux'].view(1), acc['z'].view(1), acc['drop'], acc['entropy'], acc['counts'].flatten()])
-    if ddp:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat = flat.cpu().double()  # (MPS has no float64)
-    n = max(flat[0].item(), 1.0)
-    out = {'ce': flat[1].item() / n, 'aux': flat[2].item() / n, 'z': flat[3].item() / n}
-    out['loss'] = out['ce'] + aux_loss_coef * out['aux'] + z_loss_coef * out['z']
-    drop, entropy = flat[4:4 + n_moe] / n, flat[4 + n_moe:4 + 2 * n_moe] / n
-    counts = flat[4 + 2 * n_moe:].view(n_moe, E)
-    out['layers'] = layer_stats(counts, drop, entropy)
-    return out
-
-
-def layer_stats(counts, drop, entropy):
-    """Per MoE layer: fraction of routed tokens per expert and the load summary (load = fraction
-    x n_experts, 1.0 = uniform)."""
-    layers = []
-    for li, block in enumerate(moe_layer_ids):
-        frac = counts[li] / counts[li].sum().clamp_min(1)
-        load = frac * E
-        layers.append({'layer': block, 'routed': int(counts[li].sum().item()),  # token->expert assignments
-                       'frac': [round(f, 6) for f in frac.tolist()],
-                       'max_over_mean': load.max().item(), 'min_load': load.min().item(),
-                       'std_load': load.std(unbiased=False).item(), 'drop_frac': drop[li].item(),
-                       'router_entropy': entropy[li].item(),
-                       'dead': [e for e in range(E) if frac[e] < dead_expert_threshold / E]})
-    return layers
-
-
-def moe_summary(layers):
-    """Worst layer's max/mean and min load, mean drop and entropy, dead experts named."""
-    if not layers:
-        return ''
-    dead = [f'L{l["layer"]}:' + ','.join(f'e{e}' for e in l['dead']) for l in layers if l['dead']]
-    dead_s = ' '.join(dead) if len(dead) <= 6 else ' '.join(dead[:6]) + f' (+{len(dead) - 6} layers)'
-    return (f" | load max/mean {max(l['max_over_mean'] for l in layers):.2f}"
-            f" min {min(l['min_load'] for l in layers):.2f}"
-            f" drop {100 * np.mean([l['drop_frac'] for l in layers]):.1f}%"
-            f" H {np.mean([l['router_entropy'] for l in layers]):.2f}/{math.log(E):.2f}"
-            f" | dead: {dead_s or 'none'}")
-
-
-def usage_table(layers, title):
-    """Compact per-layer table of the % of routed tokens per expert (16 experts per row block)."""
-    lines = [f'{title} (% of routed tokens per expert; uniform = {100 / E:.1f}%)']
-    for start in range(0, E, 16):
-        ids = range(start, min(E, start + 16))
-        lines.append('layer ' + ''.join(f'{"e" + str(e):>6}' for e in ids))
-        for l in layers:
-            lines.append(f'L{l["layer"]:<5}' + ''.join(f'{100 * l["frac"][e]:6.1f}' for e in ids))
-    for l in layers:
-        lines.append(f'L{l["layer"]:<5}max/mean {l["max_over_mean"]:.2f}  min {l["min_load"]:.2f}  '
-                     f'std {l["std_load"]:.2f}  dead {",".join(f"e{e}" for e in l["dead"]) or "-"}')
-    return '\n'.join(lines)
-
-
-def plot_expert_usage(history, path):
-    """out_dir/expert_usage.png: layer x expert load at the last eval, and its evolution over evals."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    iters = [it for it, _ in history]
-    load = np.stack([f for _, f in history]) * E  # (n_evals, n_moe, E); 1.0 = uniform
-    vmax = max(2.0, float(load.max()))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, min(12.0, 2.5 + 0.5 * n_moe)), layout='constrained',
-                                 gridspec_kw={'width_ratios': [1, 1.3]})
-    im = a1.imshow(load[-1], aspect='auto', cmap='viridis', vmin=0, vmax=vmax, interpolation='nearest')
-    a1.set_title(f'expert load at iter {iters[-1]} (val; 1 = uniform)')
-    a1.set_xlabel('expert')
-    a1.set_yticks(range(n_moe), [f'L{b}' for b in moe_layer_ids])
-    if E <= 16 and n_moe <= 24:
-        for i in range(n_moe):
-            for j in range(E):
-                a1.text(j, i, f'{load[-1, i, j]:.2f}', ha='center', va='center', fontsize=7,
-                        color='w' if load[-1, i, j] < vmax / 2 else 'k')
-    evo = load.transpose(1, 2, 0).reshape(n_moe * E, len(iters))  # rows: layer-major (layer, expert)
-    a2.imshow(evo, aspect='auto', cmap='viridis', vmin=0, vmax=vmax, interpolation='nearest')
-    a2.set_title('evolution over evals (rows: layer x expert)')
-    a2.set_xlabel('iter')
-    ticks = sorted(set(np.linspace(0, len(iters) - 1, min(len(iters), 8)).round().astype(int)))
-    a2.set_xticks(ticks, [str(iters[t]) for t in ticks])
-    a2.set_yticks([li * E + (E - 1) / 2 for li in range(n_moe)], [f'L{b}' for b in moe_layer_ids])
-    for li in range(1, n_moe):
-        a2.axhline(li * E - 0.5, color='w', linewidth=0.8)
-    fig.colorbar(im, ax=[a1, a2], label='load (fraction x n_experts)')
-    tmp = path + '.tmp'
-    fig.savefig(tmp, format='png', dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees half a png
+# ----------------------------------------------------------------------------- metrics, logging
+# metrics.py: per-micro-step MoE stats summed on device, reduced over processes at log time, per-layer load
+metrics = MoEMetrics(moe_layer_ids, E, device, ddp=ddp, dead_expert_threshold=dead_expert_threshold,
+                     aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+peak_flops = mfu_peak_flops or hardware.peak_flops(device, dtype)  # None: no MFU (CPU, MPS, an unknown GPU)
 
 
 @torch.no_grad()
@@ -511,13 +441,13 @@ def estimate_loss():
     eval_model.eval()
     for i, split in enumerate(('train', 'val')):
         gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1) + i)
-        acc = new_acc()
+        acc = metrics.new_acc()
         for _ in range(eval_iters):
             X, Y = get_batch(split, torch.randint(n_tokens[split] - block_size, (batch_size,), generator=gen))
             with ctx:
                 _, _, stats = eval_model(X, Y)
-            acc_add(acc, stats)
-        out[split] = reduce_acc(acc)
+            metrics.add(acc, stats)
+        out[split] = metrics.reduce(acc)
     eval_model.train()
     return out
 
@@ -531,48 +461,12 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (learning_rate - min_lr)
 
 
-def log_jsonl(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
-def wandb_layers(prefix, layers):
-    """A bounded number of keys however many experts: per layer a histogram of the per-expert
-    fractions plus summary scalars; per-expert scalars only for small models."""
-    d = {}
-    for l in layers:
-        p = f'{prefix}/L{l["layer"]}'
-        d.update({f'{p}/max_over_mean': l['max_over_mean'], f'{p}/min_load': l['min_load'],
-                  f'{p}/std_load': l['std_load'], f'{p}/drop_frac': l['drop_frac'],
-                  f'{p}/router_entropy': l['router_entropy'], f'{p}/dead_experts': len(l['dead'])})
-        if E <= 512:  # wandb's histogram limit
-            d[f'{p}/load_hist'] = wandb.Histogram(np_histogram=(np.array(l['frac']), np.arange(E + 1)))
-        if n_moe * E <= 64:
-            d.update({f'{p}/e{e}': f for e, f in enumerate(l['frac'])})
-    return d
-
-
-# on resume, log.jsonl keeps only the history up to the checkpoint (a crashed run may have logged
-# past it), and its evals feed the heatmap's evolution panel
-usage_history, _log_path = [], os.path.join(out_dir, 'log.jsonl')
-if init_from == 'resume' and master_process and os.path.isfile(_log_path):
-    _kept = []
-    with open(_log_path) as _f:
-        for _line in _f:
-            try:
-                _r = json.loads(_line)
-                if _r['iter'] < iter_num or (_r['type'] == 'eval' and _r['iter'] == iter_num):
-                    _kept.append(_line if _line.endswith('\n') else _line + '\n')
-                    if _r['type'] == 'eval' and len(_r['layers']) == n_moe and n_moe:
-                        usage_history.append((_r['iter'], np.array([l['frac'] for l in _r['layers']])))
-            except (ValueError, KeyError, TypeError):
-                pass  # a torn last line from a crash: drop it
-    with open(_log_path + '.tmp', 'w') as _f:
-        _f.writelines(_kept)
-    os.replace(_log_path + '.tmp', _log_path)
-if wandb_log and master_process:
-    import wandb  # only imported when asked for
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+if master_process:  # on resume, log.jsonl keeps only the history up to the checkpoint (feeds the heatmap)
+    _history = trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num, n_moe) if init_from == 'resume' else []
+    if wandb_log:
+        import wandb  # only imported when asked for
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    runlog = RunLog(metrics, out_dir, wandb if wandb_log else None, _history)
 
 # ----------------------------------------------------------------------------- reliability helpers
 def weights_finite():
@@ -667,7 +561,7 @@ start_iter = iter_num
 skip_eval_at = start_iter if init_from == 'resume' and resume_evaluated else -1  # already evaluated
 rows = next_iter_starts()
 X, Y = get_batch('train', rows[0])  # fetch the very first batch
-acc = new_acc()
+acc = metrics.new_acc()
 t_log, eval_time, iters_since_log, grad_norm = time.perf_counter(), 0.0, 0, None
 bad_in_a_row, bad_since_log = 0, 0  # skipped (non-finite) steps
 while True:
@@ -684,24 +578,7 @@ while True:
         best_val_loss = min(best_val_loss, va['ce'])
         save_now = not eval_only and iter_num > 0 and (improved or always_save_checkpoint)  # same on all ranks
         if master_process:
-            print(f"step {iter_num}: train CE {tr['ce']:.4f}, val CE {va['ce']:.4f} "
-                  f"(val aux {va['aux']:.4f}, z {va['z']:.4f}){moe_summary(va['layers'])}")
-            rec = {'type': 'eval', 'iter': iter_num, 'lr': lr, 'train_ce': tr['ce'], 'val_ce': va['ce'],
-                   'train_aux': tr['aux'], 'val_aux': va['aux'], 'train_z': tr['z'], 'val_z': va['z'],
-                   'train_loss': tr['loss'], 'val_loss': va['loss'], 'best_val_ce': best_val_loss,
-                   'layers': va['layers']}
-            log_jsonl(rec)
-            if n_moe:
-                print(usage_table(va['layers'], f'expert load on val at iter {iter_num}'))
-                usage_history.append((iter_num, np.array([l['frac'] for l in va['layers']])))
-                plot_expert_usage(usage_history, os.path.join(out_dir, 'expert_usage.png'))
-            if wandb_log:
-                d = {**{f'val/{k}': va[k] for k in ('ce', 'aux', 'z', 'loss')},
-                     **{f'eval_train/{k}': tr[k] for k in ('ce', 'aux', 'z', 'loss')}, 'val/best_ce': best_val_loss}
-                d.update(wandb_layers('val_moe', va['layers']))
-                if n_moe:
-                    d['val_moe/expert_usage'] = wandb.Image(os.path.join(out_dir, 'expert_usage.png'))
-                wandb.log(d, step=iter_num)
+            runlog.eval(iter_num, lr, tr, va, best_val_loss)
         if save_now:
             save_checkpoint(evaluated=True)
         eval_time += time.perf_counter() - t_eval
@@ -722,7 +599,7 @@ while True:
             if iter_num in nan_iters:  # test hook (debug_nan_at_iters): a NaN loss, and so NaN gradients
                 loss = loss * float('nan')
         step_loss += loss.detach()
-        acc_add(acc, stats)
+        metrics.add(acc, stats)
         if aux_free:
             step_counts += stats['expert_counts']
         # fetch the next micro-batch (or the next iteration's first) while this one computes
@@ -771,35 +648,13 @@ while True:
 
     # log: stats over the whole interval, all micro-steps, all processes
     if iter_num % log_interval == 0:
-        s = reduce_acc(acc)  # all processes take part (all_reduce)
+        s = metrics.reduce(acc)  # all processes take part (all_reduce)
         dt = (time.perf_counter() - t_log - eval_time) / iters_since_log
-        mfu = raw_model.estimate_mfu(batch_size * ga_local, dt, mfu_peak_flops)
+        mfu = raw_model.estimate_mfu(rows_per_rank, dt, peak_flops) if peak_flops else None
         gn = grad_norm.item() if grad_norm is not None else None
         if master_process:
-            print(f"iter {iter_num}: ce {s['ce']:.4f} aux {s['aux']:.4f} z {s['z']:.4f} | "
-                  f"{dt * 1000:.1f}ms/iter {tokens_per_iter / dt:,.0f} tok/s mfu {100 * mfu:.2f}%"
-                  f"{moe_summary(s['layers'])}")
-            rec = {'type': 'train', 'iter': iter_num, 'iters': iters_since_log, 'lr': lr, 'ce': s['ce'],
-                   'aux': s['aux'], 'z': s['z'], 'loss': s['loss'], 'grad_norm': gn, 'ms_per_iter': dt * 1000,
-                   'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu, 'bad_steps': bad_since_log,
-                   'layers': s['layers']}
-            log_jsonl(rec)
-            if wandb_log:
-                d = {'train/ce': s['ce'], 'train/aux': s['aux'], 'train/z': s['z'], 'train/loss': s['loss'],
-                     'lr': lr, 'perf/ms_per_iter': dt * 1000, 'perf/tokens_per_s': tokens_per_iter / dt,
-                     'perf/mfu': mfu}
-                if gn is not None:
-                    d['train/grad_norm'] = gn
-                if n_moe:
-                    L = s['layers']
-                    d.update({'moe/max_over_mean': max(l['max_over_mean'] for l in L),
-                              'moe/min_load': min(l['min_load'] for l in L),
-                              'moe/drop_frac': float(np.mean([l['drop_frac'] for l in L])),
-                              'moe/router_entropy': float(np.mean([l['router_entropy'] for l in L])),
-                              'moe/dead_experts': sum(len(l['dead']) for l in L)})
-                    d.update(wandb_layers('moe', L))
-                wandb.log(d, step=iter_num)
-        acc, t_log, eval_time, iters_since_log, bad_since_log = new_acc(), time.perf_counter(), 0.0, 0, 0
+            runlog.train(iter_num, iters_since_log, lr, s, gn, dt, tokens_per_iter, mfu, bad_since_log)
+        acc, t_log, eval_time, iters_since_log, bad_since_log = metrics.new_acc(), time.perf_counter(), 0.0, 0, 0
     iter_num += 1
     if stop:  # preempted: this step is done; save (improved or not) so a resume continues exactly here
         save_checkpoint(evaluated=False)

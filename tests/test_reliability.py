@@ -280,6 +280,9 @@ BAD = [  # (id, extra args, expected message); every case runs against an out_di
     ('truncated checkpoint', ['TRUNCATE', '--init_from=resume'], '(truncated or corrupted?)'),
     ('garbage checkpoint', ['GARBAGE', '--init_from=resume'], '(truncated or corrupted?)'),
     ('out_dir not writable', ['OUT_UNDER_FILE'], 'is not writable'),
+    ('dry run: out_dir not writable', ['OUT_UNDER_FILE', '--dry_run'], 'is not writable'),
+    ('dry run: other model config', ['--init_from=resume', '--n_embd=64', '--dry_run'],
+     'n_embd: checkpoint 32, config 64'),
 ]
 
 
@@ -306,6 +309,21 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(reference, shakespeare_c
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and r.stderr.startswith('train.py: error: ') and 'Traceback' not in r.stderr, r.stderr
     assert snapshot(tmp_path) == before  # nothing written, nothing overwritten, byte for byte
+
+
+def test_dry_run_resume_checks_and_writes_nothing(reference, shakespeare_char_dir, tmp_path):
+    """--dry_run with init_from=resume reads and checks the checkpoint against the config, exits 0 and
+    leaves the run's folder byte for byte as it was (no config.json rewrite, no log trim, no probe file)."""
+    ref, _, _ = reference
+    out = tmp_path / 'out'
+    shutil.copytree(ref, out)
+    with open(out / 'log.jsonl', 'a') as f:  # a torn line a real resume would trim
+        f.write('{"type": "tr')
+    before = snapshot(tmp_path)
+    r = ok(run([*common(shakespeare_char_dir), f'--out_dir={out}', '--init_from=resume', '--max_iters=80',
+                '--dry_run'], timeout=60))
+    assert 'dry run: every check passed' in r.stdout and "init_from='resume'" in r.stdout
+    assert snapshot(tmp_path) == before
 
 
 def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(reference, shakespeare_char_dir, tmp_path):

@@ -18,7 +18,8 @@ INPUT = Path(__file__).resolve().parents[2] / 'shared/data/tinyshakespeare/input
 
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
-from model import MoEGPTConfig  # noqa: E402
+import hardware  # noqa: E402
+from model import MoEGPT, MoEGPTConfig  # noqa: E402
 
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
         '--batch_size=4', '--dropout=0.0', '--eval_iters=4', '--warmup_iters=0', '--log_interval=1']
@@ -101,6 +102,8 @@ def test_30_iters_learns_and_writes_everything(run30):
     # console: one line per interval with the expert summary, the per-layer table at evals
     lines = [l for l in r.stdout.splitlines() if l.startswith('iter ')]
     assert len(lines) == 6 and all('ms/iter' in l and 'load max/mean' in l and 'dead:' in l for l in lines)
+    # no datasheet peak for a CPU (hardware.py): no MFU at all, never a percentage of some GPU's peak
+    assert all(t['mfu'] is None for t in tr) and not any('mfu' in l for l in lines)
     assert r.stdout.count('expert load on val at iter') == 4
     # the checkpoint: weights_only-loadable, plain config, resumable at iter 30
     ck = checkpoint.load(out / 'ckpt.pt')
@@ -142,7 +145,8 @@ def test_grad_accumulation_matches_bigger_batch(char_data, tmp_path):
     common = ['config/dense.py', *TINY, f'--data_dir={char_data}', '--max_iters=1', '--eval_interval=1',
               '--always_save_checkpoint=True', '--grad_clip=0.0']
     a, b = tmp_path / 'ga2', tmp_path / 'ga1'
-    ok(train([*common, f'--out_dir={a}', '--batch_size=4', '--gradient_accumulation_steps=2']))
+    ra = ok(train([*common, f'--out_dir={a}', '--batch_size=4', '--gradient_accumulation_steps=2',
+                   '--mfu_peak_flops=1e12']))
     ok(train([*common, f'--out_dir={b}', '--batch_size=8', '--gradient_accumulation_steps=1']))
     assert records(a, 'train')[0]['layers'] == []  # dense: no MoE layers
     assert not (a / 'expert_usage.png').exists()
@@ -153,6 +157,14 @@ def test_grad_accumulation_matches_bigger_batch(char_data, tmp_path):
         assert gb.abs().max() > 0
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4 * gb.abs().max().item())
     assert records(a, 'train')[0]['ce'] == pytest.approx(records(b, 'train')[0]['ce'], rel=1e-6)
+    # an explicit mfu_peak_flops gives an MFU (on CPU too): 2 x 4 rows of (6 x active params + attention)
+    # x block_size FLOPs per iteration, over ms_per_iter, against 1e12
+    [t] = records(a, 'train')
+    cfg = checkpoint.load(a / 'ckpt.pt')['model_args']
+    n = MoEGPT(MoEGPTConfig(**cfg)).get_num_params().active
+    flops = (6 * n + 12 * cfg['n_layer'] * cfg['n_embd'] * cfg['block_size']) * cfg['block_size'] * 2 * 4
+    assert t['mfu'] == pytest.approx(flops / (t['ms_per_iter'] / 1000) / 1e12, rel=1e-6)
+    assert f"tok/s mfu {100 * t['mfu']:.2f}%" in ra.stdout
 
 
 def test_ddp_two_cpu_processes_match_single_process(char_data, tmp_path):
@@ -162,7 +174,8 @@ def test_ddp_two_cpu_processes_match_single_process(char_data, tmp_path):
     single, ddp = tmp_path / 'single', tmp_path / 'ddp'
     ok(train([*common, f'--out_dir={single}']))
     r = ok(train([*common, f'--out_dir={ddp}'], torchrun=2))
-    assert 'world size 2, 1 micro-steps per process' in r.stdout
+    assert ('world size 2: 2 x 4 = 8 rows per iteration (gradient_accumulation_steps x batch_size), 4 per process '
+            'as 1 micro-step of 4; tokens per iteration 256') in r.stdout
     ts, td = records(single, 'train'), records(ddp, 'train')
     assert [t['iter'] for t in td] == [0, 1, 2, 3, 4]
     assert [t['loss'] for t in td] == pytest.approx([t['loss'] for t in ts], rel=1e-5)
@@ -173,6 +186,32 @@ def test_ddp_two_cpu_processes_match_single_process(char_data, tmp_path):
             # float reordering across ranks (thread counts, all-reduce vs accumulation) may flip a
             # near-tie routing decision; one flip moves two fractions by 1/512: allow two flips
             assert la['frac'] == pytest.approx(lb['frac'], abs=2 / 512 + 1e-6)
+
+
+def test_ddp_two_processes_split_one_accumulation_step(char_data, tmp_path):
+    """The README's `torchrun --nproc_per_node=2 train.py config/moe_8e_cpu.py` (gradient_accumulation_steps=1):
+    the 8 rows of an iteration are split 4 + 4 over the 2 processes, which train on exactly the rows the
+    single process does. aux_loss_coef=0: the balance loss is per micro-batch (a nonlinear function of
+    it), the only term whose gradient depends on how rows are grouped; CE and z are means over rows."""
+    common = ['config/moe_8e_cpu.py', *TINY, *MOE, f'--data_dir={char_data}', '--batch_size=8', '--max_iters=5',
+              '--eval_interval=5', '--lr_decay_iters=5', '--learning_rate=3e-3', '--aux_loss_coef=0.0',
+              '--always_save_checkpoint=True']
+    single, ddp = tmp_path / 'single', tmp_path / 'ddp'
+    rs = ok(train([*common, f'--out_dir={single}']))
+    r = ok(train([*common, f'--out_dir={ddp}'], torchrun=2))
+    assert 'world size 1: 1 x 8 = 8 rows per iteration (gradient_accumulation_steps x batch_size), 8 per process ' \
+           'as 1 micro-step of 8; tokens per iteration 256' in rs.stdout
+    assert 'world size 2: 1 x 8 = 8 rows per iteration (gradient_accumulation_steps x batch_size), 4 per process ' \
+           'as 1 micro-step of 4; tokens per iteration 256' in r.stdout
+    ts, td = records(single, 'train'), records(ddp, 'train')
+    assert [t['iter'] for t in td] == [0, 1, 2, 3, 4]
+    assert [t['ce'] for t in td] == pytest.approx([t['ce'] for t in ts], rel=1e-5)
+    assert [t['z'] for t in td] == pytest.approx([t['z'] for t in ts], rel=1e-5)
+    assert ts[-1]['ce'] < ts[0]['ce'] - 0.05  # it trained (so equal losses mean equal updates)
+    for a, b in zip(ts, td):
+        assert [l['routed'] for l in a['layers']] == [l['routed'] for l in b['layers']] == [8 * 32 * 2] * 2
+    ca, cb = (checkpoint.load(d / 'ckpt.pt') for d in (single, ddp))
+    assert torch.equal(ca['sampler_state'], cb['sampler_state'])  # the same draws: both resume alike
 
 
 def test_bfloat16_autocast_on_cpu_with_switch_config(char_data, tmp_path):
@@ -196,7 +235,9 @@ BAD = [
     (['--gradient_accumulation_steps=0'], 'gradient_accumulation_steps=0 must be >= 1'),
     (['config/nope.py'], 'config file not found: config/nope.py'),
     (['--init_from=resume'], 'init_from=resume: no checkpoint at'),
-    (['--n_layer', '2'], "bad argument '--n_layer': overrides are written --key=value"),
+    (['--n_layer', '2'], "bad argument '--n_layer': overrides are written --key=value (--n_layer alone means True, "
+                         "for True/False keys only)"),
+    (['--dry_run', '--top_k=9'], 'top_k=9 must be in [1, n_experts=8]'),  # a dry run checks as much
 ]
 
 
@@ -215,11 +256,31 @@ def test_bad_key_in_config_file_and_world_size(char_data, tmp_path):
     r = train([str(cfg), f'--data_dir={char_data}'])
     assert r.returncode == 2 and f"{cfg}: unknown config key 'learnig_rate' (did you mean 'learning_rate'?)" \
         in r.stderr, r.stderr
-    # launched as 2 processes with 3 accumulation steps: not divisible, caught before the process group
-    r = train([*TINY, f'--data_dir={char_data}', '--gradient_accumulation_steps=3'],
+    # launched as 2 processes, 1 x 3 rows per iteration: no even split, caught before the process group,
+    # and the message names the nearest values that work
+    r = train([*TINY, f'--data_dir={char_data}', '--batch_size=3', '--gradient_accumulation_steps=1'],
               env={'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'})
-    assert r.returncode == 2 and 'gradient_accumulation_steps=3 must be divisible by the number of processes (2)' \
-        in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stdout == '', r.stderr
+    assert ('gradient_accumulation_steps=1 x batch_size=3 = 3 rows per iteration do not split evenly over 2 '
+            'processes (each runs ceil(1/2) = 1 micro-steps of equal size); values that work: batch_size=2 or 4 '
+            '(gradient_accumulation_steps=1), or gradient_accumulation_steps=2 or 4 (batch_size=3)') in r.stderr
+
+
+@pytest.mark.parametrize('ga,bs,world,split', [  # split: (rows per process, micro-steps, rows each)
+    (1, 12, 2, (6, '1 micro-step', 6)), (40, 12, 8, (60, '5 micro-steps', 12)), (40, 12, 16, (30, '3 micro-steps', 10)),
+    (3, 4, 2, (6, '2 micro-steps', 3)), (40, 12, 1, (480, '40 micro-steps', 12)),
+])
+def test_batch_split_over_world_sizes(char_data, tmp_path, ga, bs, world, split):
+    """gradient_accumulation_steps x batch_size rows per iteration in all (nanoGPT's meaning) whatever the
+    world size: each process takes rows/world of them in ceil(ga/world) equal micro-steps. A dry run with
+    torchrun's environment (RANK, WORLD_SIZE) resolves the split without starting a process group."""
+    r = ok(train([*TINY, f'--data_dir={char_data}', f'--out_dir={tmp_path / "out"}', f'--batch_size={bs}',
+                  f'--gradient_accumulation_steps={ga}', '--dry_run'],
+                 env={'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': str(world)}, timeout=60))
+    want = (f'world size {world}: {ga} x {bs} = {ga * bs} rows per iteration (gradient_accumulation_steps x '
+            f'batch_size), {split[0]} per process as {split[1]} of {split[2]}; tokens per iteration {ga * bs * 32:,}')
+    assert want in r.stdout, r.stdout
+    assert not (tmp_path / 'out').exists()
 
 
 def test_bad_checkpoints_on_resume(run30, char_data, tmp_path):
@@ -301,6 +362,20 @@ def test_configurator_order_types_and_suggestions(tmp_path):
         configurator.load(defaults, [str(f)])
 
 
+def test_configurator_bare_flag_means_true_for_bool_keys():
+    defaults = {'flag': False, 'n': 2, 'compile': 'auto', 'opt': None}
+    types = {'compile': (bool, str), 'opt': (int, type(None))}
+    cfg, over = configurator.load(defaults, ['--flag', '--compile'], types)
+    assert cfg['flag'] is True and cfg['compile'] is True and over == ['flag', 'compile']
+    assert configurator.load(defaults, ['--flag', '--flag=False'], types)[0]['flag'] is False  # in order
+    for arg in ('--n', '--opt'):  # not a bool key: a value is needed
+        with pytest.raises(configurator.ConfigError, match=f"bad argument '{arg}': overrides are written "
+                                                           r'--key=value \(.* for True/False keys only\)'):
+            configurator.load(defaults, [arg], types)
+    with pytest.raises(configurator.ConfigError, match="unknown config key 'flg' .did you mean 'flag'"):
+        configurator.load(defaults, ['--flg'], types)
+
+
 def test_sigmoid_router_gets_aux_free_bias_updates(char_data, tmp_path):
     """router=sigmoid: train.py calls update_expert_bias after every step (bias moves by +-rate)."""
     out = tmp_path / 'sig'
@@ -339,3 +414,51 @@ def test_checkpoint_save_is_atomic_and_load_is_safe(tmp_path):
     torch.save({**good, 'format_version': 99}, tmp_path / 'future.pt')
     with pytest.raises(checkpoint.CheckpointError, match='format_version=99'):
         checkpoint.load(tmp_path / 'future.pt')
+
+
+def test_dry_run_under_torchrun_checks_a_gpu_job_and_touches_nothing(char_data, tmp_path):
+    """config/moe_owt.py (a GPU job) as `torchrun --nproc_per_node=2 ... --dry_run` on a CPU machine: the
+    config, the device, world size, batch split and data are resolved and checked on both ranks, rank 0
+    prints them, both exit 0; no model, no process group, no out_dir. Without --dry_run the missing
+    GPU is an error; a missing dataset is one in a dry run too."""
+    out = tmp_path / 'out'
+    args = ['config/moe_owt.py', '--dataset=shakespeare_char', f'--data_dir={char_data}', f'--out_dir={out}',
+            '--device=cuda']
+    r = ok(train([*args, '--dry_run'], torchrun=2, timeout=120))
+    assert r.stdout.count('config (resolved):') == 1 and r.stdout.count('dry run: every check passed') == 1
+    for want in ("device='cuda:0'", "dtype='bfloat16'", 'compile=True', "backend='nccl'", 'dry_run=True',
+                 'world size 2: 40 x 12 = 480 rows per iteration (gradient_accumulation_steps x batch_size), 240 per '
+                 'process as 20 micro-steps of 12; tokens per iteration 491,520',
+                 f"dry run: every check passed ({char_data / 'shakespeare_char'}: 1,003,854 train, 111,540 val tokens"):
+        assert want in r.stdout, (want, r.stdout)
+    assert 'model:' not in r.stdout and not out.exists()
+    if not torch.cuda.is_available():
+        assert 'cuda:0 is not available here: checked as a CUDA GPU with native bf16' in r.stdout
+        r = train(args, timeout=60)
+        assert r.returncode == 2 and "device='cuda' but CUDA is not available" in r.stderr, r.stderr
+    r = train([*args, f'--data_dir={tmp_path}', '--dry_run'], timeout=60)
+    assert r.returncode == 2 and f'python prepare.py shakespeare_char --data_dir {tmp_path}' in r.stderr, r.stderr
+
+
+def test_dtype_auto_wants_native_bf16(monkeypatch, char_data, tmp_path):
+    """A V100/T4 only emulates bf16: torch.cuda.is_bf16_supported() says True (emulation counts by
+    default), hardware.bf16_supported() says False, so dtype='auto' is float16 there. train.py resolves
+    through hardware.py: checked in a subprocess on the same faked GPU (a sitecustomize shim)."""
+    emulated = lambda including_emulation=True: including_emulation
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', emulated)
+    assert torch.cuda.is_bf16_supported()  # the old check: fooled
+    assert hardware.bf16_supported() is False and hardware.auto_dtype('cuda') == 'float16'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)  # Ampere+
+    assert hardware.bf16_supported() is True and hardware.auto_dtype('cuda') == 'bfloat16'
+    assert hardware.auto_dtype('cpu') == hardware.auto_dtype('mps') == 'float32'
+    shim = tmp_path / 'shim'
+    shim.mkdir()
+    (shim / 'sitecustomize.py').write_text('import torch\ntorch.cuda.is_available = lambda: True\n'
+                                           'torch.cuda.is_bf16_supported = lambda including_emulation=True: '
+                                           'including_emulation\n')
+    base = [*TINY, f'--data_dir={char_data}', f'--out_dir={tmp_path / "out"}', '--device=cuda', '--dry_run']
+    r = ok(train(base, env={'PYTHONPATH': str(shim)}, timeout=60))
+    assert "dtype='float16'" in r.stdout and 'not available here' not in r.stdout, r.stdout
+    r = train([*base, '--dtype=bfloat16'], env={'PYTHONPATH': str(shim)}, timeout=60)
+    assert r.returncode == 2 and "dtype='bfloat16' is not supported natively by this GPU" in r.stderr, r.stderr
