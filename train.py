@@ -114,7 +114,7 @@ key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at
 # tunable on resume; every other model field must match the checkpoint's
 RESUME_TUNABLE = {'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef',
                   'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std', 'bias_update_rate',
-                  'balance_scope'}
+                  'balance_scope', 'capacity_priority'}
 
 
 def die(msg):
@@ -557,6 +557,28 @@ if not eval_only:
     signal.signal(signal.SIGINT, on_signal)
 
 # ----------------------------------------------------------------------------- training loop
+def read_flags(step_flags):
+    """The host side of the NaN/Inf guard for one step (one device->host sync): count and print a
+    skipped step, stop the run after max_bad_steps in a row. Returns (skipped, preempted)."""
+    global bad_in_a_row, bad_since_log
+    it, flags, step_loss, grad_norm = step_flags
+    bad_step, stop = (f > 0 for f in flags.tolist())
+    if not bad_step:
+        bad_in_a_row = 0
+        return False, stop
+    bad_in_a_row, bad_since_log = bad_in_a_row + 1, bad_since_log + 1
+    if master_process:
+        print(f'iter {it}: non-finite loss {step_loss.item():.4g} or grad norm {grad_norm.item():.4g}: '
+              f'step skipped ({bad_in_a_row} in a row; the run stops at max_bad_steps={max_bad_steps})')
+    if bad_in_a_row >= max_bad_steps:
+        stop_run(f'iter {it}: {bad_in_a_row} consecutive steps with a non-finite loss or gradient '
+                 f'norm (max_bad_steps={max_bad_steps}); stopping')
+    return True, stop
+
+
+# fused AdamW can skip a step on the device (found_inf); the GradScaler (float16) runs its own skip
+skip_on_device = not scaler.is_enabled() and bool(optimizer.defaults.get('fused'))
+pending_flags = None  # (iter, flags, loss, grad norm) of a step whose flags the host has not read yet
 start_iter = iter_num
 skip_eval_at = start_iter if init_from == 'resume' and resume_evaluated else -1  # already evaluated
 rows = next_iter_starts()
@@ -583,6 +605,8 @@ while True:
             save_checkpoint(evaluated=True)
         eval_time += time.perf_counter() - t_eval
     if eval_only or iter_num >= max_iters:
+        if pending_flags:  # the last step's flags: print and count it like any other
+            read_flags(pending_flags)
         break
 
     # one optimizer step: gradient_accumulation_steps micro-steps over all processes
@@ -617,37 +641,41 @@ while True:
         grad_norm = parallel.clip_grad_norm_(raw_model, max_norm)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    # NaN/Inf guard: a non-finite loss or grad norm skips the step. With float16 the GradScaler already
-    # skips overflowing steps (and lowers its scale), so there only a non-finite loss counts as bad.
-    # One host sync per step; the all-reduce (MAX) makes every rank skip, or stop, at the same iter.
+    # NaN/Inf guard: a non-finite loss or grad norm skips the step (with float16 the GradScaler skips
+    # overflowing steps itself, so there only a non-finite loss counts). The flags are all-reduced (MAX)
+    # on the device, so every rank skips, or stops on preemption, at the same iter. With fused AdamW
+    # the skip itself happens on the device (found_inf: the kernel leaves weights, moments and step
+    # count alone) and the host reads the flags one step late, or at the next log line: a CUDA step
+    # never waits for the GPU. Otherwise (GradScaler, no fused kernel) they are read at once.
     bad = ~torch.isfinite(step_loss)
     if not scaler.is_enabled():
         bad |= ~torch.isfinite(grad_norm).to(bad.device)
     flags = torch.stack([bad.float(), torch.tensor(float(preempted is not None), device=device)])
     if ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_step, stop = (f > 0 for f in flags.tolist())
-    if bad_step:
-        bad_in_a_row, bad_since_log = bad_in_a_row + 1, bad_since_log + 1
-        if master_process:
-            print(f'iter {iter_num}: non-finite loss {step_loss.item():.4g} or grad norm {grad_norm.item():.4g}: '
-                  f'step skipped ({bad_in_a_row} in a row; the run stops at max_bad_steps={max_bad_steps})')
-        if bad_in_a_row >= max_bad_steps:
-            stop_run(f'iter {iter_num}: {bad_in_a_row} consecutive steps with a non-finite loss or gradient '
-                     f'norm (max_bad_steps={max_bad_steps}); stopping')
-    else:
-        bad_in_a_row = 0
+    step_flags = (iter_num, flags, step_loss, grad_norm)
+    if skip_on_device:
+        optimizer.found_inf = flags[0]
         scaler.step(optimizer)
+        stop = read_flags(pending_flags)[1] if pending_flags else False
+        pending_flags = step_flags
+    else:
+        bad_step, stop = read_flags(step_flags)
+        if not bad_step:
+            scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
-    if aux_free and not bad_step:  # the step's load over all micro-steps and processes: all move alike
+    if aux_free:  # the step's load over all micro-steps and processes (none if skipped): all move alike
         if ddp:
             dist.all_reduce(step_counts)
-        raw_model.update_expert_bias(step_counts)
+        raw_model.update_expert_bias(step_counts * (1 - flags[0]))
     iters_since_log += 1
 
     # log: stats over the whole interval, all micro-steps, all processes
     if iter_num % log_interval == 0:
+        if pending_flags:  # the log line syncs anyway: settle this step's flags first
+            stop |= read_flags(pending_flags)[1]
+            pending_flags = None
         s = metrics.reduce(acc)  # all processes take part (all_reduce)
         dt = (time.perf_counter() - t_log - eval_time) / iters_since_log
         mfu = raw_model.estimate_mfu(rows_per_rank, dt, peak_flops) if peak_flops else None

@@ -224,6 +224,28 @@ def test_nan_steps_are_skipped_and_counted(shakespeare_char_dir, tmp_path):
         assert torch.isfinite(s['exp_avg']).all() and torch.isfinite(s['exp_avg_sq']).all()
 
 
+def test_guard_reads_flags_late_without_losing_a_step(shakespeare_char_dir, tmp_path):
+    """log_interval=4: with fused AdamW the skip happens on the device (found_inf) and the host reads each
+    step's flags one step late or at the log line (no per-step sync on a GPU). Same outcome as reading
+    them at once: the same steps printed, counted per log interval, never applied; and the stop after
+    max_bad_steps names the iter of the last bad step."""
+    out = tmp_path / 'out'
+    r = ok(run([*common(shakespeare_char_dir), f'--out_dir={out}', '--max_iters=12', '--eval_interval=6',
+                '--log_interval=4', '--debug_nan_at_iters=[2, 3, 7, 11]', '--max_bad_steps=3']))
+    skipped = [l.split(':')[0] for l in r.stdout.splitlines() if 'step skipped' in l]
+    assert skipped == ['iter 2', 'iter 3', 'iter 7', 'iter 11']
+    tr = records(out)
+    assert [t['iter'] for t in tr] == [0, 4, 8]  # iters 9-11 end without a log line: 11 counted at the end
+    assert [t['bad_steps'] for t in tr] == [0, 2, 1]
+    ck = checkpoint.load(out / 'ckpt.pt')
+    assert all(g['fused'] for g in ck['optimizer']['param_groups'])  # the on-device skip was the one in use
+    assert {float(s['step']) for s in ck['optimizer']['state'].values()} == {8.0}
+    assert all(torch.isfinite(v).all() for v in ck['model'].values())
+    r = run([*common(shakespeare_char_dir), f'--out_dir={tmp_path / "out2"}', '--max_iters=12',
+             '--eval_interval=6', '--log_interval=4', '--debug_nan_at_iters=[5, 6, 7, 8]', '--max_bad_steps=3'])
+    assert r.returncode == 3 and 'iter 7: 3 consecutive steps' in r.stderr, r.stderr
+
+
 def test_max_bad_steps_in_a_row_stops_naming_iter_and_last_good_checkpoint(shakespeare_char_dir, tmp_path):
     """3 consecutive poisoned steps (5, 6, 7) with max_bad_steps=3: exit 3 at iter 7, naming the last good
     checkpoint (iter 4); that checkpoint is untouched and finite, and nothing was saved after it."""
