@@ -1,7 +1,8 @@
 # GPT-2 small (124M dense) with 8 experts, top-2, in every block, on OpenWebText. For a GPU node:
 #   python prepare.py openwebtext
 #   torchrun --standalone --nproc_per_node=8 train.py config/moe_owt.py
-# ~0.5M tokens per iteration: 12 batch * 1024 block * 40 gradient accumulation steps (5 per GPU on 8).
+# ~0.5M tokens per iteration: 12 batch * 1024 block * 40 gradient accumulation steps, global: 5 micro-steps
+# of 12 rows per GPU on 8 GPUs, 3 of 10 rows per GPU on 16 (2 nodes).
 # With one GPU it runs the same global batch with 40 micro-steps (just 8x slower).
 
 out_dir = 'out-moe-owt'
@@ -37,4 +38,3 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 warmup_iters = 2000
-mfu_peak_flops = 312e12  # A100 bf16; set 989e12 on H100 SXM
