@@ -1,11 +1,15 @@
 """
 MoEGPT: nanoGPT's GPT-2 decoder whose feed-forward blocks can be Mixture-of-Experts layers.
+The defaults are GPT-2's block, parameter for parameter; block options (RMSNorm, rope, grouped-query
+attention, QK-norm, untied embeddings, per-projection biases) build the Llama-style MoE families
+(Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE). hf.py maps their HF checkpoints in and out.
 
 Reading order: config -> attention -> router -> experts -> MoE layer -> block -> model.
 
 Shape suffixes name every dispatch tensor (torchtitan's convention):
   B batch, S sequence, T tokens (= B*S), D n_embd, E n_experts, K top_k,
-  F expert hidden width (2*expert_hidden for swiglu), N = T*K token->expert assignments.
+  F expert hidden width (2*expert_hidden for swiglu), N = T*K token->expert assignments,
+  G expert groups and M experts per group (group-limited routing).
 
 Dispatch is dropless by default: the N assignments are sorted by expert, every expert runs on its
 contiguous slice (one grouped matmul for all experts, or a loop over the slices), and the results are
@@ -28,6 +32,11 @@ EXPERT_IMPLS = ('auto', 'grouped', 'loop')
 ROUTERS = ('softmax', 'noisy_topk', 'sigmoid', 'expert_choice', 'soft')
 BALANCE_SCOPES = ('micro_batch', 'sequence', 'global')
 CAPACITY_PRIORITIES = ('choice', 'position')
+CAPACITY_SCOPES = ('micro_batch', 'sequence')
+AUX_LOSS_LAYERS = ('mean', 'pooled')
+NORMS = ('layernorm', 'rmsnorm')
+POSITIONS = ('learned', 'rope')
+QK_NORMS = ('none', 'head', 'proj')
 HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
 # expert_impl='auto' (use_grouped_mm): grouped_mm on GPUs in bf16 (one kernel for all experts). On CPU the
 # slice loop, measured faster at every expert count on a 2-core machine (fp32, fwd+bwd, n_embd 384,
@@ -45,11 +54,27 @@ class MoEGPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears (experts included) and LayerNorms, like GPT-2
+    # --- block options: the defaults are GPT-2's block. Llama-style families (Mixtral, OLMoE, Qwen-MoE)
+    # use rmsnorm + rope + swiglu, bias=False, untied embeddings, and some of GQA, QK-norm, q/k/v bias
+    norm: str = 'layernorm'  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias, computed in fp32)
+    norm_eps: float = 1e-5  # epsilon of every norm (GPT-2 and nn.LayerNorm: 1e-5)
+    position: str = 'learned'  # learned (GPT-2's wpe table) | rope (rotary, on q and k; no table)
+    rope_theta: float = 10000.0  # rope: the base of the rotation frequencies
+    n_kv_head: Optional[int] = None  # grouped-query attention: key/value heads, each shared by
+    # n_head // n_kv_head query heads; None = n_head (multi-head attention)
+    head_dim: Optional[int] = None  # width of one head; None = n_embd // n_head (Qwen3-MoE sets its own)
+    qk_norm: str = 'none'  # none | head (Qwen3: RMSNorm over each head's q and k) | proj (OLMoE: over the
+    # whole q and k projections, before the split into heads)
+    qkv_bias: Optional[bool] = None  # bias of the q/k/v projection; None = bias (Qwen2: True, bias=False)
+    attn_out_bias: Optional[bool] = None  # bias of attention's output projection; None = bias
+    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2); False = its own matrix
     # --- Mixture of Experts
     n_experts: int = 1  # 1 = plain dense GPT (exactly nanoGPT's parameters)
     top_k: int = 2
     moe_every: int = 1  # every N-th block (after moe_first_dense) is an MoE block
     moe_first_dense: int = 0  # the first K blocks stay dense
+    dense_hidden: Optional[int] = None  # MLP width of the dense blocks of an MoE model; None = 4*n_embd
+    # (a dense model, n_experts=1, has expert_hidden wide MLPs, as before)
     expert_hidden: Optional[int] = None  # hidden width of one expert; None = 4*n_embd // granularity
     granularity: int = 1  # DeepSeekMoE's fine-grained split m: experts 1/m as wide (use m x n_experts, top_k)
     activation: str = 'gelu'  # gelu | gelu_tanh (GPT-2's) | relu | silu | swish | tanh | swiglu
@@ -58,6 +83,8 @@ class MoEGPTConfig:
     eval_capacity_factor: Optional[float] = None  # in eval mode; None = same as capacity_factor
     capacity_priority: str = 'choice'  # which assignments capacity keeps: choice (GShard: all first
     # choices of the batch first; not causal) | position (earlier positions first: causal)
+    capacity_scope: str = 'micro_batch'  # capacity counted over the micro_batch (GShard) | per sequence
+    # (HF's Switch Transformers: every sequence gets its own ceil(cf*S*K/E) slots per expert)
     norm_topk_prob: bool = True  # renormalise the k gates to sum to 1 (Mixtral); False = Switch
     router_fp32: bool = True  # router matmul + softmax in fp32 even under autocast
     router_init_std: float = 0.01  # small router init: near-uniform routing at step 0 (seed 002)
@@ -69,6 +96,14 @@ class MoEGPTConfig:
     n_shared_experts: int = 0  # always-on experts (each expert_hidden wide) added to the routed output
     bias_update_rate: float = 0.001  # sigmoid router: expert_bias step per optimizer step (aux-free balancing)
     balance_scope: str = 'micro_batch'  # aux loss over the micro_batch | each sequence | global (all ranks)
+    aux_loss_layers: str = 'mean'  # mean of the per-layer aux losses | pooled (HF: the layers' expert
+    # counts and probabilities pooled before the f*P product). HF's router_aux_loss_coef c is our
+    # aux_loss_coef top_k*c (HF's f sums to top_k, ours to 1; tests/test_hf.py proves it)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output x sigmoid(x W), W: D -> 1
+    routed_scaling_factor: float = 1.0  # DeepSeek-V3: the routed experts' gates x this
+    n_group: int = 1  # group-limited routing (DeepSeek-V3): experts in n_group equal groups; a token
+    topk_group: int = 1  # picks its top_k among the experts of its topk_group best groups (a group's
+    # score: the sum of its 2 best scores). Under expert parallelism, bounds each token's fan-out
 
     def __post_init__(self):
         if self.granularity < 1 or (4 * self.n_embd) % self.granularity:
@@ -82,8 +117,19 @@ class MoEGPTConfig:
             ('vocab_size', self.vocab_size >= 1, 'must be >= 1'),
             ('n_layer', self.n_layer >= 1, 'must be >= 1'),
             ('n_head', self.n_head >= 1, 'must be >= 1'),
-            ('n_embd', self.n_embd >= 1 and self.n_embd % max(self.n_head, 1) == 0,
-             f'must be a positive multiple of n_head={self.n_head}'),
+            ('n_embd', self.n_embd >= 1 and (self.head_dim is not None or self.n_embd % max(self.n_head, 1) == 0),
+             f'must be a positive multiple of n_head={self.n_head} (or set head_dim)'),
+            ('norm', self.norm in NORMS, f'must be one of {NORMS}'),
+            ('norm_eps', self.norm_eps > 0, 'must be > 0'),
+            ('position', self.position in POSITIONS, f'must be one of {POSITIONS}'),
+            ('rope_theta', self.rope_theta > 0, 'must be > 0'),
+            ('n_kv_head', self.n_kv_head is None or (self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0),
+             f'must be None or divide n_head={self.n_head} (each key/value head serves n_head // n_kv_head query heads)'),
+            ('head_dim', self.head_dim is None or self.head_dim >= 1, 'must be None or >= 1'),
+            ('head_dim', self.position != 'rope' or (self.head_dim or self.n_embd // max(self.n_head, 1)) % 2 == 0,
+             'must be even with position=rope (rope rotates pairs of dimensions)'),
+            ('qk_norm', self.qk_norm in QK_NORMS, f'must be one of {QK_NORMS}'),
+            ('dense_hidden', self.dense_hidden is None or self.dense_hidden >= 1, 'must be None or >= 1'),
             ('dropout', 0.0 <= self.dropout < 1.0, 'must be in [0, 1)'),
             ('n_experts', self.n_experts >= 1, 'must be >= 1'),
             ('top_k', 1 <= self.top_k <= self.n_experts or self.n_experts == 1,
@@ -113,10 +159,37 @@ class MoEGPTConfig:
             ('n_shared_experts', self.n_shared_experts >= 0, 'must be >= 0'),
             ('bias_update_rate', self.bias_update_rate >= 0, 'must be >= 0'),
             ('balance_scope', self.balance_scope in BALANCE_SCOPES, f'must be one of {BALANCE_SCOPES}'),
+            ('capacity_scope', self.capacity_scope in CAPACITY_SCOPES, f'must be one of {CAPACITY_SCOPES}'),
+            ('aux_loss_layers', self.aux_loss_layers in AUX_LOSS_LAYERS, f'must be one of {AUX_LOSS_LAYERS}'),
+            ('aux_loss_layers', self.aux_loss_layers == 'mean' or self.balance_scope != 'sequence',
+             "='pooled' pools whole micro-batches (HF's loss): use it with balance_scope='micro_batch' or 'global'"),
+            ('aux_loss_layers', self.aux_loss_layers == 'mean' or self.router != 'expert_choice',
+             "='pooled' needs a token-choice router (expert choice has no balance loss)"),
+            ('shared_expert_gate', not self.shared_expert_gate or self.n_shared_experts >= 1,
+             'needs n_shared_experts >= 1 (it gates their output)'),
+            ('routed_scaling_factor', self.routed_scaling_factor > 0, 'must be > 0'),
+            ('n_group', self.n_group >= 1 and self.n_experts % self.n_group == 0,
+             f'must be >= 1 and divide n_experts={self.n_experts}'),
+            ('n_group', self.n_group == 1 or self.router in ('softmax', 'noisy_topk', 'sigmoid'),
+             f'> 1 (group-limited routing) needs a token-choice router (softmax, noisy_topk, sigmoid), not {self.router!r}'),
+            ('topk_group', 1 <= self.topk_group <= self.n_group, f'must be in [1, n_group={self.n_group}]'),
+            ('top_k', self.n_group == 1 or self.top_k <= self.topk_group * (self.n_experts // max(self.n_group, 1)),
+             f'must be <= topk_group * n_experts // n_group (the experts of the groups a token may use)'),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f'MoEGPTConfig.{name}={getattr(self, name)!r} {why}')
+        # None = follow the other fields; resolved here, so a checkpoint's model_args say what was built
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        if self.attn_out_bias is None:
+            self.attn_out_bias = self.bias
+        if self.dense_hidden is None:
+            self.dense_hidden = 4 * self.n_embd
         if self.n_experts == 1:
             self.top_k = 1  # a single expert is the dense MLP; top_k is moot
         if self.router == 'soft':
@@ -128,18 +201,24 @@ class MoEGPTConfig:
         sequence of the micro-batch: what a causal LM needs. Not so for expert choice (each expert
         ranks all tokens, later ones included) and for capacity with capacity_priority='choice' (a
         later token's first choice can drop an earlier token's second choice; with top-1, sequence
-        b's later tokens can drop sequence b+1's earlier ones). tests/test_causality.py probes it."""
+        b's later tokens can drop sequence b+1's earlier ones). With capacity_scope='sequence' and
+        top-1, choice order is position order inside each sequence: causal again.
+        tests/test_causality.py (and tests/test_hf.py, for capacity_scope) probe it."""
         if self.n_experts == 1:
             return True
         if self.router == 'expert_choice':
             return False
-        return not self.has_capacity or self.capacity_priority == 'position'
+        if not self.has_capacity or self.capacity_priority == 'position':
+            return True
+        return self.capacity_scope == 'sequence' and self.top_k == 1
 
     @property
     def batch_dependent(self):
-        """Whether a token's output depends on the other sequences of its micro-batch (capacity drops,
-        expert choice): then the same text can give other logits in another batch."""
-        return self.n_experts > 1 and (self.router == 'expert_choice' or self.has_capacity)
+        """Whether a token's output depends on the other sequences of its micro-batch (capacity drops
+        counted over the micro-batch, expert choice): then the same text can give other logits in
+        another batch."""
+        return self.n_experts > 1 and (self.router == 'expert_choice'
+                                       or (self.has_capacity and self.capacity_scope == 'micro_batch'))
 
     @property
     def has_capacity(self):
@@ -186,9 +265,46 @@ def compute_dtype(x):
 
 # ----------------------------------------------------------------------------- attention
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Llama, Mixtral, Qwen, OLMoE), in fp32 and cast back before
+    the weight, in HF's order, so imported checkpoints give HF's numbers."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config, dim):
+    if config.norm == 'rmsnorm':
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cos_sin(pos_S, head_dim, theta):
+    """Rotary embedding tables for positions pos_S: cos, sin (S, head_dim), fp32. HF's layout: the
+    frequencies repeated over the two halves of a head (rotate_half pairs dim i with i + head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos_S.device).float() / head_dim)
+    freqs_SQ = pos_S.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs_SQ, freqs_SQ], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate q or k, (B, heads, S, head_dim), by their positions' angles (HF's rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, one entry per layer (generation only).
-    Passed into forward and filled in place: it belongs to the caller, not to the model."""
+    Passed into forward and filled in place: it belongs to the caller, not to the model.
+    With rope the keys are cached rotated: a new token's position is the cache length."""
 
     def __init__(self, n_layer):
         self.k = [None] * n_layer
@@ -199,22 +315,37 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention (one c_attn for q, k, v; c_proj out), plus the Llama-family options:
+    grouped-query attention (n_kv_head), rope, QK-norm and separate q/k/v and output biases."""
 
     def __init__(self, config, layer_idx=0):
         super().__init__()
         self.layer_idx = layer_idx
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        H, G, Q = self.n_head, self.n_kv_head, self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, (H + 2 * G) * Q, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(H * Q, config.n_embd, bias=config.attn_out_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm != 'none':  # 'head': one weight over head_dim, shared by the heads (Qwen3)
+            q_dim, k_dim = (Q, Q) if config.qk_norm == 'head' else (H * Q, G * Q)  # 'proj': OLMoE
+            self.q_norm, self.k_norm = RMSNorm(q_dim, config.norm_eps), RMSNorm(k_dim, config.norm_eps)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x_BSD, kv_cache=None):
+    def forward(self, x_BSD, kv_cache=None, rope=None):
         B, S, D = x_BSD.size()
-        q, k, v = self.c_attn(x_BSD).split(D, dim=2)
-        # (B, S, D) -> (B, n_head, S, head_dim)
-        q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        H, G, Q = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x_BSD).split([H * Q, G * Q, G * Q], dim=2)
+        if self.qk_norm == 'proj':
+            q, k = self.q_norm(q), self.k_norm(k)
+        # (B, S, heads * Q) -> (B, S, heads, Q)
+        q, k, v = q.view(B, S, H, Q), k.view(B, S, G, Q), v.view(B, S, G, Q)
+        if self.qk_norm == 'head':
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, Q)
+        if rope is not None:  # cos, sin of these S positions (after the cached ones)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
         if kv_cache is not None:
             i = self.layer_idx
@@ -224,10 +355,12 @@ class CausalSelfAttention(nn.Module):
             P = k.size(2) - S  # cached positions before these S queries
             if P > 0 and S > 1:  # queries see all of the past and the causal part of the present
                 mask = torch.arange(S, device=q.device)[:, None] + P >= torch.arange(P + S, device=q.device)
+        if G != H:  # grouped-query: query head h reads key/value head h // (H // G) (HF's repeat_kv)
+            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
         causal = mask is None and k.size(2) == S  # a single new query attends to everything: no mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0)
-        y = y.transpose(1, 2).contiguous().view(B, S, D)
+        y = y.transpose(1, 2).contiguous().view(B, S, H * Q)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -288,6 +421,8 @@ class Router(nn.Module):
         self.top_k = config.n_experts if self.kind == 'soft' else config.top_k
         self.norm_topk_prob = config.norm_topk_prob
         self.router_fp32 = config.router_fp32
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.n_group, self.topk_group = config.n_group, config.topk_group
 
     def forward(self, x_TD):
         """Returns logits_TE, probs_TE (rows sum to 1: the P of the balance loss), topk_ids_TK and
@@ -306,17 +441,33 @@ class Router(nn.Module):
                 logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(self.noise(x_TD))
         if self.kind == 'sigmoid':
             scores_TE = torch.sigmoid(logits_TE)
-            _, topk_ids_TK = torch.topk(scores_TE + self.expert_bias.to(scores_TE.dtype), self.top_k, dim=-1)
-            topk_probs_TK = scores_TE.gather(1, topk_ids_TK)
+            select_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         else:
-            probs_TE = F.softmax(logits_TE, dim=-1)
-            topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+            scores_TE = select_TE = probs_TE = F.softmax(logits_TE, dim=-1)
+        if self.n_group > 1:
+            select_TE = self.limit_to_groups(select_TE)
+        _, topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1)
+        topk_probs_TK = scores_TE.gather(1, topk_ids_TK)  # the gates never see expert_bias
         if self.norm_topk_prob:
             gates_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
         else:
             gates_TK = topk_probs_TK
+        if self.routed_scaling_factor != 1.0:
+            gates_TK = gates_TK * self.routed_scaling_factor
         return logits_TE, probs_TE, topk_ids_TK, gates_TK
+
+    def limit_to_groups(self, select_TE):
+        """DeepSeek-V3's group-limited routing: the experts form n_group groups of equal size; a
+        group scores the sum of its 2 best selection scores; each token keeps only the experts of its
+        topk_group best groups (the others get -inf). With experts laid out by group over the ranks,
+        a token's assignments then reach at most topk_group groups of ranks."""
+        T, E = select_TE.shape
+        select_TGM = select_TE.view(T, self.n_group, E // self.n_group)
+        group_scores_TG = select_TGM.topk(min(2, E // self.n_group), dim=-1).values.sum(dim=-1)
+        best_TG = group_scores_TG.topk(self.topk_group, dim=-1).indices
+        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        return select_TGM.masked_fill(~keep_TG.unsqueeze(-1), float('-inf')).view(T, E)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -367,6 +518,12 @@ class GroupedExperts(nn.Module):
         F_ = 2 * H if config.activation == 'swiglu' else H
         self.w1_EDF = nn.Parameter(torch.empty(E, D, F_))
         self.w2_EHD = nn.Parameter(torch.empty(E, H, D))
+        # Finite values for a layer built on its own (tests, bench.py), not torch.empty's leftover
+        # memory; MoEGPT re-initialises them. fork_rng: the global CPU RNG stream, and so every
+        # seeded model init, stays as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.nn.init.normal_(self.w1_EDF, std=0.02)
+            torch.nn.init.normal_(self.w2_EHD, std=0.02)
         self.b1_EF = nn.Parameter(torch.zeros(E, F_)) if config.bias else None
         self.b2_ED = nn.Parameter(torch.zeros(E, D)) if config.bias else None
         self.activation = config.activation
@@ -450,12 +607,16 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(config)
         self.shared_experts = (MLP(config, config.n_shared_experts * config.expert_hidden)
                                if config.n_shared_experts > 0 else None)
+        # Qwen2-MoE: a per-token sigmoid gate, D -> 1, on the shared experts' output
+        self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if config.shared_expert_gate else None
         self.n_experts, self.top_k = config.n_experts, self.router.top_k
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = (config.capacity_factor if config.eval_capacity_factor is None
                                      else config.eval_capacity_factor)
         self.balance_scope = config.balance_scope
         self.capacity_priority = config.capacity_priority
+        self.capacity_scope = config.capacity_scope
+        self.aux_loss_layers = config.aux_loss_layers
         self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
 
     @property
@@ -488,10 +649,19 @@ class MoELayer(nn.Module):
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
         out_TD = y_ND.new_zeros(T, D).index_add_(0, token_of_N, y_ND)         # (T, D) each token's rows summed
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
         out_BSD = self.dropout(out_TD.view(B, S, D))
 
-        aux = {'aux_loss': self.balance_loss(probs_TE, topk_ids_TK, counts_E, B, S), 'z_loss': router_z_loss(logits_TE)}
+        if self.aux_loss_layers == 'pooled':  # MoEGPT.forward pools counts and P over the layers (HF's loss)
+            balance_counts_E = self.balance_counts(counts_E)
+            aux = {'aux_loss': load_balancing_loss(probs_TE, topk_ids_TK, E, balance_counts_E),
+                   'balance_counts_E': balance_counts_E, 'balance_P_E': probs_TE.mean(dim=0)}
+        else:
+            aux = {'aux_loss': self.balance_loss(probs_TE, topk_ids_TK, counts_E, B, S)}
+        aux['z_loss'] = router_z_loss(logits_TE)
         with torch.no_grad():
             aux['expert_counts'] = counts_E.float()
             if self.router.kind == 'expert_choice':  # dropped: tokens that no expert picked
@@ -527,7 +697,9 @@ class MoELayer(nn.Module):
         counts_E = torch.zeros(E, dtype=torch.long, device=ids_N.device)
         counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))                # (E,) tokens per expert
         kept_counts_E, kept_N1 = counts_E, None
-        if capacity_factor > 0:
+        if capacity_factor > 0 and self.capacity_scope == 'sequence':
+            ids_N, kept_counts_E = self.apply_capacity_per_sequence(ids_N, token_N, capacity_factor, B, S)
+        elif capacity_factor > 0:
             ids_N, kept_counts_E = self.apply_capacity(ids_N, counts_E, capacity_factor, T)
         sorted_ids_N, order_N = torch.sort(ids_N, stable=True)                # (N,) expert of each row, row -> assignment
         if capacity_factor > 0:
@@ -543,13 +715,30 @@ class MoELayer(nn.Module):
         order; the rest get expert id E so they sort past every expert and are computed as zero."""
         E = self.n_experts
         capacity = math.ceil(capacity_factor * T * self.top_k / E)
-        order_N = torch.argsort(ids_N, stable=True)
-        start_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_sorted_N = torch.arange(ids_N.numel(), device=ids_N.device) - start_E[ids_N[order_N]]
+        kept_N = self.rank_in_bucket(ids_N, counts_E) < capacity
+        return torch.where(kept_N, ids_N, E), counts_E.clamp(max=capacity)
+
+    def apply_capacity_per_sequence(self, ids_N, token_N, capacity_factor, B, S):
+        """capacity_scope='sequence' (HF's Switch Transformers): every sequence has its own
+        ceil(cf * S * K / E) slots per expert, so no sequence can take another's. The same ranking
+        as apply_capacity, with (sequence, expert) pairs as the buckets."""
+        E = self.n_experts
+        capacity = math.ceil(capacity_factor * S * self.top_k / E)
+        bucket_N = (token_N // S) * E + ids_N                                 # (sequence, expert) pair
+        counts_BE = torch.zeros(B * E, dtype=torch.long, device=ids_N.device)
+        counts_BE.scatter_add_(0, bucket_N, torch.ones_like(bucket_N))
+        kept_N = self.rank_in_bucket(bucket_N, counts_BE) < capacity
+        return torch.where(kept_N, ids_N, E), counts_BE.clamp(max=capacity).view(B, E).sum(0)
+
+    @staticmethod
+    def rank_in_bucket(bucket_N, counts):
+        """Each assignment's position among those of its bucket, in priority order (a stable sort)."""
+        order_N = torch.argsort(bucket_N, stable=True)
+        start = torch.cumsum(counts, 0) - counts
+        rank_sorted_N = torch.arange(bucket_N.numel(), device=bucket_N.device) - start[bucket_N[order_N]]
         rank_N = torch.empty_like(rank_sorted_N)
-        rank_N[order_N] = rank_sorted_N                                        # position inside its expert
-        ids_N = torch.where(rank_N < capacity, ids_N, E)
-        return ids_N, counts_E.clamp(max=capacity)
+        rank_N[order_N] = rank_sorted_N
+        return rank_N
 
     def route_expert_choice(self, probs_TE, capacity_factor):
         """Expert choice (Zhou et al. 2022): every expert takes its C highest-scoring tokens,
@@ -572,27 +761,32 @@ class MoELayer(nn.Module):
         E = self.n_experts
         if self.balance_scope == 'sequence':
             return sequence_balancing_loss(probs_TE.view(B, S, E), topk_ids_TK.view(B, S, -1), E)
+        return load_balancing_loss(probs_TE, topk_ids_TK, E, self.balance_counts(counts_E))
+
+    def balance_counts(self, counts_E):
+        """The loads f is made of: this micro-batch's, or the global batch's (all DDP ranks)."""
         counts_E = counts_E.float()  # a copy: the routing's counts also go to the stats
         if self.balance_scope == 'global' and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts_E)  # the global batch's loads; P stays local
-        return load_balancing_loss(probs_TE, topk_ids_TK, E, counts_E)
+        return counts_E
 
 
 # ----------------------------------------------------------------------------- block
 
 class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2 and the Llama families alike)."""
 
     def __init__(self, config, is_moe, layer_idx=0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        dense_hidden = 4 * config.n_embd if config.n_experts > 1 else config.expert_hidden
+        self.ln_2 = make_norm(config, config.n_embd)
+        dense_hidden = config.dense_hidden if config.n_experts > 1 else config.expert_hidden
         self.mlp = MoELayer(config) if is_moe else MLP(config, dense_hidden)
         self.is_moe = is_moe
 
-    def forward(self, x, return_intermediate=False, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, return_intermediate=False, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         if self.is_moe:
             h, aux = self.mlp(self.ln_2(x), return_intermediate)
             return x + h, aux
@@ -612,15 +806,18 @@ class MoEGPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == 'learned':  # rope has no table: positions rotate q and k in attention
+            modules['wpe'] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, config.is_moe_layer(i), i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
         if config.n_experts > 1 and config.router == 'expert_choice':
             warnings.warn('router=expert_choice: each expert picks tokens across the whole batch, later '
                           'positions included, so a causal LM trained with it sees the future; its '
@@ -654,10 +851,14 @@ class MoEGPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         """Total and active parameter counts. non_embedding drops the position embeddings (the token
-        embeddings stay counted: they are tied to lm_head), as in nanoGPT."""
+        embeddings stay counted when tied to lm_head, as in nanoGPT; untied, they are a lookup and
+        are dropped too, lm_head stays)."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            total -= self.transformer.wpe.weight.numel()
+            if 'wpe' in self.transformer:
+                total -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.transformer.wte.weight.numel()
         inactive = 0
         for moe in self.moe_layers():
             n_local = moe.experts.w1_EDF.shape[0]  # < n_experts under expert parallelism (parallel.py)
@@ -687,19 +888,31 @@ class MoEGPT(nn.Module):
         past = len(kv_cache) if kv_cache is not None else 0
         if past + t > self.config.block_size:
             raise ValueError(f'sequence of length {past + t} is longer than block_size={self.config.block_size}')
-        pos = torch.arange(past, past + t, dtype=torch.long, device=device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pos = torch.arange(past, past + t, dtype=torch.long, device=device)  # after the cached tokens
+        x, rope = self.transformer.wte(idx), None
+        if 'wpe' in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        x = self.transformer.drop(x)
         auxes = []
         for block in self.transformer.h:
-            x, aux = block(x, return_intermediate, kv_cache)
+            x, aux = block(x, return_intermediate, kv_cache, rope)
             if aux is not None:
                 auxes.append(aux)
         x = self.transformer.ln_f(x)
 
         zero = x.new_zeros((), dtype=torch.float32)
-        aux_loss = torch.stack([a['aux_loss'] for a in auxes]).mean() if auxes else zero
-        z_loss = torch.stack([a['z_loss'] for a in auxes]).mean() if auxes else zero
         E = self.config.n_experts
+        if auxes and self.config.aux_loss_layers == 'pooled':
+            # HF's load_balancing_loss_func: all layers' assignments and probabilities pooled, then
+            # E * sum f*P once (every layer routes the same T tokens, so P is the mean of the layers')
+            counts_E = torch.stack([a['balance_counts_E'] for a in auxes]).sum(0)
+            P_E = torch.stack([a['balance_P_E'] for a in auxes]).mean(0)
+            aux_loss = E * (counts_E / counts_E.sum() * P_E).sum()
+        else:
+            aux_loss = torch.stack([a['aux_loss'] for a in auxes]).mean() if auxes else zero
+        z_loss = torch.stack([a['z_loss'] for a in auxes]).mean() if auxes else zero
         stats = {
             'aux_loss': aux_loss.detach(),
             'z_loss': z_loss.detach(),
@@ -724,67 +937,19 @@ class MoEGPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, upcycle_noise=0.0, **overrides):
-        """GPT-2 weights through HF transformers (imported only here): a hub name ('gpt2',
-        'gpt2-medium', ...) or a local directory written by save_pretrained (works offline).
-
-        overrides set MoEGPTConfig fields (dropout, n_experts, top_k, ...). With n_experts > 1 this is
-        sparse upcycling (Komatsuzaki et al. 2022): every expert of an MoE layer starts as a copy of
-        that layer's dense MLP (plus optional Gaussian noise of std upcycle_noise * the weight's std)
-        and the router starts small. With the k gates renormalised to sum to 1 and no noise, the
-        upcycled model computes exactly the dense model's function at step 0."""
-        try:
-            from transformers import GPT2LMHeadModel
-        except ImportError as e:
-            raise ImportError('from_pretrained needs HF transformers: pip install transformers') from e
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        hc = hf.config
-        act = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu', 'relu': 'relu',
-               'silu': 'silu', 'swish': 'silu', 'tanh': 'tanh'}.get(hc.activation_function)
-        if act is None:
-            raise ValueError(f'unsupported GPT-2 activation {hc.activation_function!r}')
-        args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
-                    vocab_size=hc.vocab_size, bias=True, dropout=0.0, activation=act)
-        dense_hidden = hc.n_inner or 4 * hc.n_embd
-        args.update(expert_hidden=dense_hidden)
-        fixed = {'n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'activation', 'expert_hidden'}
-        clash = fixed & set(overrides)
-        if clash:
-            raise ValueError(f'from_pretrained: {sorted(clash)} are fixed by the checkpoint')
-        args.update(overrides)
-        config = MoEGPTConfig(**args)
-        if config.n_experts > 1 and not config.norm_topk_prob:
-            print('from_pretrained: norm_topk_prob=False, so the upcycled model starts away from the dense one')
-        model = cls(config)
-        sd_hf = hf.state_dict()
-        # HF's GPT-2 uses Conv1D, i.e. weights stored (in, out); our Linear stores (out, in).
-        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-        with torch.no_grad():
-            for k, p in model.state_dict().items():
-                if k == 'lm_head.weight':
-                    continue  # tied to wte
-                if '.mlp.' in k and not k.split('.mlp.')[1].startswith(('c_fc', 'c_proj')):
-                    continue  # MoE parameters, filled below
-                src = sd_hf[k]
-                if k == 'transformer.wpe.weight':
-                    src = src[:config.block_size]
-                p.copy_(src.t() if k.endswith(conv1d) else src)
-            for i, block in enumerate(model.transformer.h):
-                if not block.is_moe:
-                    continue
-                ex, pre = block.mlp.experts, f'transformer.h.{i}.mlp.'
-                # Conv1D (in, out) layout is exactly one expert's w1 (D, F) / w2 (H, D)
-                for ours, theirs in ((ex.w1_EDF, 'c_fc.weight'), (ex.w2_EHD, 'c_proj.weight'),
-                                     (ex.b1_EF, 'c_fc.bias'), (ex.b2_ED, 'c_proj.bias')):
-                    w = sd_hf[pre + theirs]
-                    ours.copy_(w.expand_as(ours))
-                    if upcycle_noise > 0 and ours.dim() == 3:
-                        ours.add_(torch.randn_like(ours) * upcycle_noise * w.std())
-        return model
+        """A pretrained HF checkpoint as an MoEGPT: GPT-2 (nanoGPT's from_pretrained), Llama, Qwen2,
+        Qwen3, Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE; a hub name ('gpt2', ...) or a save_pretrained
+        directory (offline). overrides set MoEGPTConfig fields (dropout, block_size, ...; for a dense
+        checkpoint n_experts > 1 is sparse upcycling: every expert a copy of the dense MLP, the same
+        function at step 0 with renormalised gates). The key maps live in hf.py (hf.load)."""
+        import hf
+        return hf.load(name_or_path, upcycle_noise=upcycle_noise, **overrides)
 
     def crop_block_size(self, block_size):
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if 'wpe' in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, foreach=None):
         """AdamW; matmul weights, stacked experts and embeddings decay, biases and norms don't
@@ -808,7 +973,7 @@ class MoEGPT(nn.Module):
         """Training FLOPs (forward + backward) per token of a full block_size sequence: 6 x the
         active parameters plus attention's 12*L*H*Q*T (PaLM appendix B)."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
         return 6 * self.get_num_params().active + 12 * L * H * Q * T
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
@@ -824,7 +989,8 @@ class MoEGPT(nn.Module):
         step. Past block_size, learned absolute positions can't slide in place: the uncached path
         recomputes the last block_size tokens every step (nanoGPT); the cached path refills the cache
         with the last block_size//2 tokens and goes on from there (each token then sees between
-        block_size//2 and block_size tokens). Both agree token for token while the sequence fits.
+        block_size//2 and block_size tokens; rope models too, their positions restarting at 0).
+        Both agree token for token while the sequence fits.
         return_routing: also return the top-k expert ids of every generated token in every MoE layer,
         a LongTensor (max_new_tokens, n_moe_layers, B, top_k)."""
         bs = self.config.block_size
