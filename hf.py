@@ -72,7 +72,8 @@ def _moe_placement(n_layer, moe_layers):
     """(moe_first_dense, moe_every) that put MoE blocks exactly at moe_layers."""
     for first in range(n_layer + 1):
         for every in range(1, n_layer + 1):
-            if [i >= first and (i - first) % every == 0 for i in range(n_layer)] == [i in moe_layers for i in range(n_layer)]:
+            placed = [i >= first and (i - first) % every == 0 for i in range(n_layer)]
+            if placed == [i in moe_layers for i in range(n_layer)]:
                 return first, every
     raise UnsupportedCheckpoint(f'MoE blocks at layers {sorted(moe_layers)}: not moe_first_dense + k*moe_every')
 
@@ -102,7 +103,7 @@ def config_args(hc):
     # Llama-style: RMSNorm, rope, swiglu MLPs / experts, no MLP bias (Llama's mlp_bias aside)
     if hc.hidden_act != 'silu':
         raise UnsupportedCheckpoint(f'hidden_act={hc.hidden_act!r}: only silu (swiglu MLPs) is implemented')
-    if getattr(hc, 'use_sliding_window', False) or (family in ('llama', 'mixtral') and getattr(hc, 'sliding_window', None)):
+    if getattr(hc, 'use_sliding_window', False) or (family == 'mixtral' and getattr(hc, 'sliding_window', None)):
         raise UnsupportedCheckpoint('sliding-window attention is not implemented')
     n_head = hc.num_attention_heads
     head_dim = getattr(hc, 'head_dim', None) or hc.hidden_size // n_head
@@ -224,7 +225,8 @@ def key_map(cfg, family):
     return m
 
 
-_LEGACY_EXPERT = re.compile(r'(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
+_LEGACY_EXPERT = re.compile(
+    r'(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _ROLE = {'w1': 'gate', 'gate_proj': 'gate', 'w3': 'up', 'up_proj': 'up', 'w2': 'down', 'down_proj': 'down'}
 
 
@@ -332,6 +334,9 @@ def load(name_or_path, upcycle_noise=0.0, **overrides):
     hc = _hf_config(name_or_path)
     family, fixed, defaults = config_args(hc)
     config = _merge(fixed, defaults, overrides, f'load({name_or_path!r})')
+    if family == 'gpt2' and config.block_size > hc.n_positions:  # a learned table can be cut, not grown
+        raise ValueError(f'load({name_or_path!r}): block_size={config.block_size} is longer than the '
+                         f'checkpoint\'s n_positions={hc.n_positions}')
     hf = transformers.AutoModelForCausalLM.from_pretrained(name_or_path)  # its own dtype; copied into fp32
     sd_hf = fuse_experts(hf.state_dict())
     del hf

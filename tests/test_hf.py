@@ -434,6 +434,8 @@ def test_overrides_the_checkpoint_fixes_are_refused(hf_dirs):
     assert (m.config.block_size, m.config.dropout) == (16, 0.1)
     with pytest.raises(ValueError, match='unknown MoEGPTConfig fields'):
         hf.load(path, n_expert=8)
+    with pytest.raises(ValueError, match="block_size=64 is longer than the checkpoint's n_positions=48"):
+        hf.load(hf_dirs['gpt2'][0], block_size=64)
 
 
 def test_unsupported_architectures_say_why():
