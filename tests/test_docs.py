@@ -290,6 +290,10 @@ def plan(cmd):
             return Check('run as written, on the runs `compare.py --run` made', 'run', key='out-zoo', order=2,
                          expect_out=r'\| switch_top1 \|')
         return None  # e.g. a --suite: hours of training; it needs a rule of its own
+    if prog == 'python' and args[:1] == ['export.py']:
+        return Check('run as written on the checkpoint the docs\' training command made (it writes the HF '
+                     'directory, reads it back with transformers and compares the logits)', 'run',
+                     key=opt(args, 'out_dir', 'out-moe-8e'), order=5, expect_out='check: logits match')
     if prog == 'python' and args[:1] == ['bench.py']:
         if opt(args, 'device', 'cpu').startswith('cuda'):
             return Check('needs a CUDA GPU: only its arguments are checked (bench.parse_args)', 'bench')
