@@ -565,6 +565,30 @@ def test_python_blocks_compile():
             compile(textwrap.dedent(block), str(doc), 'exec')
 
 
+def slug(heading):
+    """GitHub's anchor for a markdown heading."""
+    return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def test_doc_links_resolve():
+    """Every relative link in the docs points at a file that exists, and at a heading that exists."""
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r'```.*?```', '', doc.read_text(encoding='utf-8'), flags=re.S)
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'^[a-z]+:', target):
+                continue  # http(s):, mailto:
+            path, _, anchor = target.partition('#')
+            f = (doc.parent / path).resolve() if path else doc
+            if not f.exists():
+                bad.append(f'{doc.name}: {target} (no such file)')
+            elif anchor and f.suffix == '.md':
+                heads = {slug(h) for h in re.findall(r'^#+\s+(.*)$', f.read_text(encoding='utf-8'), re.M)}
+                if anchor not in heads:
+                    bad.append(f'{doc.name}: {target} (no such heading)')
+    assert not bad, bad
+
+
 def requirement_lines(path, seen=()):
     from packaging.requirements import Requirement
     for ln in path.read_text().splitlines():
