@@ -113,7 +113,7 @@ else:  # pretrained GPT-2: 'gpt2', 'gpt2-medium', ... or 'gpt2:PATH' for a save_
     try:
         model = MoEGPT.from_pretrained(name)
         encode, decode = get_codec({'tokenizer': 'gpt2'})
-    except (ImportError, OSError, DataError) as e:
+    except (ImportError, OSError, ValueError, DataError) as e:  # ValueError: a bad or unsupported checkpoint
         fail(f'cannot load {init_from!r}: {str(e).splitlines()[0]}')
 model.eval().to(device)
 

@@ -54,9 +54,10 @@ eval_iters = 200  # batches per split (per process) for each eval
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val CE improves
 keep_last = 1  # checkpoints kept: ckpt.pt, plus (if > 1) ckpt-<iter>.pt for the keep_last newest saves
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub)
-# or 'gpt2:PATH' (a save_pretrained dir); with n_experts > 1 the dense GPT-2 is sparsely upcycled
-upcycle_noise = 0.0  # init_from=gpt2 with experts: Gaussian noise (x weight std) on each expert's copy
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub) or
+# 'gpt2:PATH' (a save_pretrained dir), or 'hf:NAME_OR_PATH': Mixtral, OLMoE, Qwen2/3-MoE, Llama, Qwen2/3 (hf.py);
+# a dense checkpoint with n_experts > 1 is sparsely upcycled
+upcycle_noise = 0.0  # upcycling: Gaussian noise (x weight std) on each expert's copy
 # wandb logging
 wandb_log = False
 wandb_project = 'moe-gpt'
@@ -114,7 +115,7 @@ key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at
 # tunable on resume; every other model field must match the checkpoint's
 RESUME_TUNABLE = {'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef',
                   'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std', 'bias_update_rate',
-                  'balance_scope', 'capacity_priority'}
+                  'balance_scope', 'capacity_priority', 'capacity_scope', 'aux_loss_layers'}
 
 
 def die(msg):
@@ -140,8 +141,9 @@ except configurator.ConfigError as e:
 globals().update(_config)
 
 # ----------------------------------------------------------------------------- validate (before any work)
-check(init_from in ('scratch', 'resume') or init_from.startswith('gpt2'),
-      f"init_from={init_from!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...) or 'gpt2:PATH'")
+check(init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or init_from.startswith('hf:'),
+      f"init_from={init_from!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...), "
+      f"'gpt2:PATH' or 'hf:NAME_OR_PATH'")
 check(upcycle_noise >= 0, f'upcycle_noise={upcycle_noise} must be >= 0')
 check(dtype in ('auto', 'float32', 'bfloat16', 'float16'),
       f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
@@ -264,6 +266,25 @@ if init_from.startswith('gpt2'):
         except Exception as e:  # no transformers, no network, no such directory, a bad override
             die(f'init_from={init_from!r}: cannot load GPT-2 weights: {type(e).__name__}: {str(e).splitlines()[0]}')
         globals().update({k: getattr(pretrained.config, k) for k in _fixed})
+elif init_from.startswith('hf:'):
+    # Any family hf.py speaks. Its shape (and, for an MoE checkpoint, its routing) comes from the checkpoint;
+    # the other model keys are overrides, except the losses: unless set here they keep HF's (hf.py's mapping).
+    import hf
+    _src = init_from[3:]
+    _hf_losses = {'aux_loss_coef', 'z_loss_coef', 'aux_loss_layers'} - set(_overridden)
+    try:
+        _fixed = set(hf.fixed_fields(_src)) | _hf_losses
+        _over = {k: globals()[k] for k in MoEGPTConfig.field_names() if k not in _fixed}
+        if dry_run:  # the config only, no weights
+            _cfg = hf.load_config(_src, **_over)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the same upcycle noise on every process
+                torch.manual_seed(seed)
+                pretrained = hf.load(_src, upcycle_noise=upcycle_noise, **_over)
+            _cfg = pretrained.config
+    except Exception as e:  # no transformers, no network, no such directory, an unsupported family, a bad override
+        die(f'init_from={init_from!r}: cannot load it: {type(e).__name__}: {str(e).splitlines()[0]}')
+    globals().update(dataclasses.asdict(_cfg))
 
 # model config: MoEGPTConfig validates its own fields (top_k <= n_experts, n_embd % n_head, ...)
 if vocab_size is None:  # GPU matmuls like multiples of 64 (50257 -> 50304); small char vocabs stay as is
@@ -283,8 +304,12 @@ if init_from == 'resume':
         ckpt = checkpoint.load(ckpt_path)
     except checkpoint.CheckpointError as e:
         die(f'init_from=resume: {e}')
-    _diff = [f'{k}: checkpoint {ckpt["model_args"].get(k)!r}, config {v!r}' for k, v in model_args.items()
-             if k not in RESUME_TUNABLE and ckpt['model_args'].get(k) != v]
+    try:  # a checkpoint from before a model field existed has that field's default
+        _ckpt_args = dataclasses.asdict(MoEGPTConfig(**ckpt['model_args']))
+    except (TypeError, ValueError) as e:
+        die(f'init_from=resume: {ckpt_path} was written by another version of model.py: {e}')
+    _diff = [f'{k}: checkpoint {_ckpt_args.get(k)!r}, config {v!r}' for k, v in model_args.items()
+             if k not in RESUME_TUNABLE and _ckpt_args.get(k) != v]
     check(not _diff, f'init_from=resume: {ckpt_path} was trained with a different model config; pass the '
                      f'same settings (e.g. --key=value) to resume:\n    ' + '\n    '.join(_diff))
     check(ckpt.get('meta_vocab_size') in (None, meta_vocab_size),
@@ -527,7 +552,7 @@ def save_checkpoint(evaluated):
 def resume_command():
     """This run's command line, resuming: printed when a preemption stops it."""
     args = [a for a in sys.argv[1:] if not a.startswith('--init_from=')]
-    if init_from.startswith('gpt2'):  # the shape came from GPT-2's weights; a resume must be told it
+    if init_from.startswith(('gpt2', 'hf:')):  # the shape came from the checkpoint; a resume must be told it
         args += [f'--{k}={globals()[k]!r}' for k in sorted(_fixed)]
     return shlex.join(['python', 'train.py', *args, '--init_from=resume'])
 

@@ -568,3 +568,40 @@ def test_family_config_is_small_cpu_trainable_and_exportable(family):
     _, loss, _ = model(idx, idx)
     loss.backward()
     assert math.isfinite(loss.item())
+
+
+# ----------------------------------------------------------------------------- train.py --init_from=hf:PATH
+
+
+def test_train_py_fine_tunes_an_imported_mixtral(shakespeare_char_dir, tmp_path):
+    """train.py --init_from=hf:DIR: the checkpoint's shape and routing, train.py's other keys; a dry run
+    reads the config only; the run trains (finite losses) and its checkpoint holds the Mixtral shape."""
+    import json
+    t = pytest.importorskip('transformers')
+    t.logging.set_verbosity_error()
+    cfg = tiny_hf_config('mixtral')
+    cfg.vocab_size = 96  # shakespeare_char has 65
+    torch.manual_seed(0)
+    d = tmp_path / 'mixtral'
+    t.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    args = [sys.executable, 'train.py', f'--init_from=hf:{d}', f'--data_dir={shakespeare_char_dir}',
+            f'--out_dir={tmp_path / "out"}', '--device=cpu', '--compile=False', '--block_size=32', '--batch_size=4',
+            '--max_iters=6', '--eval_interval=6', '--eval_iters=2', '--log_interval=1', '--warmup_iters=0',
+            '--lr_decay_iters=6', '--dropout=0.0']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run(args + ['--dry_run'], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and 'every check passed' in r.stdout, r.stderr
+    assert not (tmp_path / 'out').exists()
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+    a = ck['model_args']
+    assert (a['n_experts'], a['top_k'], a['norm'], a['position'], a['n_kv_head'], a['vocab_size']) == \
+        (4, 2, 'rmsnorm', 'rope', 2, 96)
+    assert a['aux_loss_coef'] == pytest.approx(2 * 0.02)  # HF's router_aux_loss_coef, mapped (top_k x c)
+    losses = [json.loads(l)['ce'] for l in (tmp_path / 'out' / 'log.jsonl').read_text().splitlines()
+              if json.loads(l)['type'] == 'train']
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    r = subprocess.run([sys.executable, 'train.py', '--init_from=hf:/no/such/dir', f'--data_dir={shakespeare_char_dir}',
+                        '--device=cpu'], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "init_from='hf:/no/such/dir': cannot load it" in r.stderr and 'Traceback' not in r.stderr
