@@ -1,7 +1,7 @@
 """The docs are executed: every shell command in README.md and docs/*.md is run or checked (issue 13).
 
-What counts as a command: every line of a ```sh / ```bash block (comments dropped, `\\` continuations
-joined), every `$ ` line of a ```console block, and every inline `code` span that starts like a command
+What counts as a command: every line of a ```sh / ```bash / ```shell / ```text block (comments dropped,
+`\\` continuations joined; an untagged block is output, not commands), every `$ ` line of a ```console block, and every inline `code` span that starts like a command
 (python, torchrun, pip, bash, curl, wandb, or an ENV=value prefix). A chain `a && b` is split into its
 parts. test_every_command_is_run_or_checked fails on a command that none of the rules below takes and
 that UNCHECKABLE does not list, so a new doc command cannot slip through untested.
@@ -63,6 +63,7 @@ TRAIN_SMOKE = ['--max_iters=2', '--eval_iters=1', '--eval_interval=1', '--log_in
 UPCYCLE_SMOKE = ['--batch_size=2', '--gradient_accumulation_steps=1', '--block_size=64']
 SAMPLE_SMOKE = ['--max_new_tokens=8', '--num_samples=1']
 COMPARE_SMOKE = ['--max_iters=1', '--eval_interval=1']
+SUITE_SMOKE = ['--seeds', '1', '--only', 'dense', '--max_iters=1', '--eval_interval=1']
 BENCH_SMOKE = ['--quick', '--threads', '1', '--tokens', '256', '--skip', 'model,memory,sampling,compile']
 DRY = ['--dry_run=True']
 
@@ -75,6 +76,9 @@ UNCHECKABLE = {
     'curl -o ~/.cache/tiktoken/6c7ea1a7e38e3a7f062df639a5b80947f075ffe6 '
     'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json':
         'downloads from openaipublic: needs the network (the same block copies the file instead)',
+    'python compare.py OUT_DIR ...':
+        'a placeholder for the reader\'s own runs; the same report path runs on real out_dirs in '
+        '`python compare.py out-zoo/dense out-zoo/switch_top1` (docs/routing_zoo.md)',
 }
 INLINE_COMMAND = re.compile(r'^(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:python|torchrun|pip|bash|curl|wandb)\s')
 
@@ -124,7 +128,7 @@ def collect():
                     block.append((i + 1, lines[i].strip()))
                     i += 1
                 i += 1
-                if lang in ('sh', 'bash'):
+                if lang in ('sh', 'bash', 'shell', 'text'):  # untagged blocks are output, not commands
                     cmds, buf, buf_line = [], '', None
                     for n, ln in block:
                         if not buf and (not ln or ln.startswith('#')):
@@ -281,6 +285,15 @@ def plan(cmd):
                      'training command made', 'sample', extra=SAMPLE_SMOKE,
                      expect_out='routing: one row per generated token' if '--show_routing' in text else '')
     if prog == 'python' and args[:1] == ['compare.py']:
+        suite = opt(args, 'suite')
+        if suite and not suite.startswith('cpu_'):
+            return Check('a GPU suite: every train.py run it would launch (compare.suite_runs, one seed, the '
+                         'ladder if asked) dry run as on CUDA at the world size of its COMPARE_LAUNCH',
+                         'dry_suite', extra=DRY + ['--device=cuda'], expect_out='dry run: every check passed')
+        if suite:
+            return Check('run at smoke size (' + ' '.join(SUITE_SMOKE) + '): the reference run only, trained, '
+                         'evaluated on the whole val split and reported', 'run', key=f'out-{suite}', order=1,
+                         extra=SUITE_SMOKE, expect_out=r'report: ')
         if '--run' in args:
             return Check('run at smoke size (' + ' '.join(COMPARE_SMOKE) + '): all ten zoo configs, table '
                          'and plot', 'run', key='out-zoo', order=1, extra=COMPARE_SMOKE,
@@ -457,6 +470,16 @@ def results(sandbox, tiny_gpt2, tmp_path_factory):
         elif p.kind == 'bench':
             jobs.append(dict(id=f'j{i}', cwd=str(sb), what='bench' if p.extra else 'bench-args',
                              argv=argv[2:] + p.extra))
+        elif p.kind == 'dry_suite':
+            import compare
+            cmd_env, argv = split_env(c.text)
+            launch = shlex.split(cmd_env.get('COMPARE_LAUNCH', ''))
+            world = int(opt(launch, 'nproc_per_node', '1')) * int(opt(launch, 'nnodes', '1'))
+            runs = compare.suite_runs(opt(argv, 'suite'), 1, str(sb / f"out-{opt(argv, 'suite')}"), None, (),
+                                      '--ladder' in argv)
+            for k, run in enumerate(runs):
+                jobs.append(dict(id=f'j{i}.{k}', cwd=str(sb), what='train.py', argv=run[3] + p.extra,
+                                 env=dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE=str(world)) if world > 1 else {}))
         elif p.kind == 'sample':  # after training, below
             late.append(dict(id=f'j{i}', cwd=str(sb), what='sample.py',
                              argv=argv[2:] + [e.format(tiny_gpt2=tiny_gpt2) for e in p.extra]))
@@ -464,14 +487,14 @@ def results(sandbox, tiny_gpt2, tmp_path_factory):
     def batch():
         t0 = time.perf_counter()
         for (jid, _), r in run_batch(jobs, sb, env, tmp_path_factory.mktemp('batch')).items():
-            put(COMMANDS[int(jid[1:])].text, r)
+            put(COMMANDS[int(jid[1:].split('.')[0])].text, r)
         put('(batch process)', Result(0, '', secs=time.perf_counter() - t0))
 
     def torchrun_batch():
         t0 = time.perf_counter()
         for (jid, rank), r in run_batch(torchrun_jobs, sb, env, tmp_path_factory.mktemp('torchrun2'), torchrun=2).items():
             r.how = f'torchrun --standalone --nproc_per_node=2 (rank {rank})'
-            put(COMMANDS[int(jid[1:])].text, r)
+            put(COMMANDS[int(jid[1:].split('.')[0])].text, r)
         put('(torchrun batch)', Result(0, '', secs=time.perf_counter() - t0))
 
     # the rest through bash, as written; commands on one out_dir in order, independent ones in parallel
@@ -524,7 +547,7 @@ def results(sandbox, tiny_gpt2, tmp_path_factory):
     # sample.py on the checkpoints the docs' training commands made, one process for all
     t0 = time.perf_counter()
     for (jid, _), r in run_batch(late, sb, env, tmp_path_factory.mktemp('late')).items():
-        put(COMMANDS[int(jid[1:])].text, r)
+        put(COMMANDS[int(jid[1:].split('.')[0])].text, r)
     put('(sample batch)', Result(0, '', secs=time.perf_counter() - t0))
     if os.environ.get('DOCS_TIMING'):
         with open(os.environ['DOCS_TIMING'], 'w') as f:
@@ -650,6 +673,8 @@ def test_doc_command(cmd, request):
             assert re.search(p.expect_out, r.out), detail
     if p.kind == 'dry_world':
         assert len(got) == 3, got  # the documented world size, and both ranks of the 2-process launch
+    if p.kind == 'dry_suite':
+        assert len(got) >= 2, got  # one dry run per run of the suite
     if p.kind == 'venv' and cmd.text.startswith('source'):
         assert got[0].out.strip().endswith('/.venv'), got[0].show()
     if p.kind == 'script':
