@@ -6,7 +6,7 @@ repeats interleaved (A B C, B C A, ...) and the median taken, and everything is 
 absolute times drift on a shared machine, ratios taken this way mostly don't.
 
   python bench.py                        # CPU fp32, sizes scaled down for a CPU (about 5-7 minutes)
-  python bench.py --threads 1            # the README's CPU table (small CPU shared with other jobs)
+  python bench.py --threads 1            # docs/performance.md's CPU tables (small CPU shared with other jobs)
   python bench.py --quick                # CI smoke: tiny sizes, seconds, correctness checks included
   python bench.py --device cuda --compile   # GPU: bf16, GPT-2-small sized model step, torch.compile
   python bench.py --balanced --json      # uniform routing (kernel speed without load skew), JSON out

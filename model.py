@@ -91,7 +91,7 @@ class MoEGPTConfig:
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
     z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
     expert_impl: str = 'auto'  # grouped (grouped_mm) | loop (per-expert slices) | auto
-    # --- routing and expert designs (README: Routing zoo)
+    # --- routing and expert designs (docs/routing_zoo.md)
     router: str = 'softmax'  # softmax | noisy_topk | sigmoid | expert_choice | soft
     n_shared_experts: int = 0  # always-on experts (each expert_hidden wide) added to the routed output
     bias_update_rate: float = 0.001  # sigmoid router: expert_bias step per optimizer step (aux-free balancing)
@@ -477,7 +477,7 @@ def use_grouped_mm(expert_impl, device_type, dtype, aligned=True):
     grouped_mm only where it is one kernel that torch.compile can trace: CUDA, bf16 (grouped_mm's
     meta function, what compile traces, accepts bf16 only), 16-byte-aligned row strides. The rest
     takes the loop: CPU (measured faster there), and fp32 / fp16 on CUDA (--dtype=float32, pre-Ampere
-    GPUs), where compiled grouped_mm would crash. README: the GPU path."""
+    GPUs), where compiled grouped_mm would crash. docs/performance.md: the GPU path."""
     if not HAS_GROUPED_MM or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False  # old torch, or float64 (tests): grouped_mm has no kernel for it
     if expert_impl != 'auto':
@@ -744,7 +744,7 @@ class MoELayer(nn.Module):
         """Expert choice (Zhou et al. 2022): every expert takes its C highest-scoring tokens,
         C = ceil(cf * T / E), cf = capacity_factor (top_k when 0). Rows come out grouped by expert.
         The choice compares tokens across the batch, later positions included, so in a causal LM
-        it sees the future (README: Routing zoo)."""
+        it sees the future (docs/routing_zoo.md)."""
         E, T = self.n_experts, probs_TE.shape[0]
         C = min(T, math.ceil((capacity_factor or self.top_k) * T / E))
         gates_EC, tokens_EC = torch.topk(probs_TE.t(), C, dim=1)              # (E, C) each expert's tokens

@@ -10,7 +10,7 @@ DDP on 2 CPU processes (gloo):
 $ torchrun --standalone --nproc_per_node=2 train.py config/moe_8e_cpu.py
 DDP on 2 nodes of 8 GPUs (run on node 0, then on node 1 with --node_rank=1):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 train.py config/moe_owt.py
-Expert parallelism (experts split over 8 GPUs, the rest data-parallel) and/or FSDP2 (README: Beyond one GPU):
+Expert parallelism (experts split over 8 GPUs, the rest data-parallel) and/or FSDP2 (docs/distributed.md):
 $ torchrun --standalone --nproc_per_node=8 train.py config/moe_owt.py --expert_parallel=8
 $ torchrun --standalone --nproc_per_node=8 train.py config/moe_owt.py --fsdp=True
 
@@ -101,7 +101,7 @@ mfu_peak_flops = 0.0  # 0 = the GPU's datasheet peak (hardware.py); no MFU where
 dry_run = False  # check everything (device, world size, batch split, data, checkpoint), print the config, exit 0
 # MoE logging
 dead_expert_threshold = 0.1  # an expert is dead when its load over a log interval < this x uniform
-# reliability (README: Reliability)
+# reliability (docs/reliability.md)
 max_bad_steps = 10  # a step with a non-finite loss or grad norm is skipped; this many in a row stop the run
 debug_nan_at_iters = []  # test hook: the loss is poisoned with NaN at these iters (e.g. [3, 4])
 # -----------------------------------------------------------------------------

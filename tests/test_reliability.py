@@ -1,4 +1,4 @@
-"""Reliability (issue 6, README: Reliability): every promise is checked by killing, signalling,
+"""Reliability (issue 6, docs/reliability.md): every promise is checked by killing, signalling,
 corrupting or poisoning a real tiny train.py run on CPU, in a subprocess.
 
 Exact resume with no signal involved is tests/test_train.py::test_resume_continues_at_right_iter_and_matches;

@@ -14,7 +14,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-INPUT = Path(__file__).resolve().parents[2] / 'shared/data/tinyshakespeare/input.txt'
 
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
@@ -27,13 +26,11 @@ MOE = ['--n_experts=4', '--top_k=2']
 
 
 @pytest.fixture(scope='session')
-def char_data(tmp_path_factory):
-    """A data_dir holding shakespeare_char, made by prepare.py from the real text (../shared)."""
-    if not INPUT.is_file():
-        pytest.fail(f'{INPUT} missing: CI and dev machines keep it in ../shared beside the repo')
+def char_data(tmp_path_factory, tinyshakespeare):
+    """A data_dir holding shakespeare_char, made by the prepare.py command line from the real text."""
     d = tmp_path_factory.mktemp('data')
-    r = subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char', '--input', str(INPUT), '--data_dir', str(d)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char', '--input', str(tinyshakespeare),
+                        '--data_dir', str(d)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return d
 
