@@ -6,7 +6,7 @@ resumes from its checkpoint), then report: a markdown table and a plot (docs/res
 $ OMP_NUM_THREADS=1 python compare.py --suite cpu_baby --seeds 3
 Report on runs you already have (several seeds of one run: name them <run>-s<seed>):
 $ python compare.py out-cpu_baby/dense-s1337 out-cpu_baby/moe_8e_top2-s1337 ...
-Run the routing zoo briefly at nanoGPT's CPU recipe sizes, then compare (README: Routing zoo):
+Run the routing zoo briefly at nanoGPT's CPU recipe sizes, then compare (docs/routing_zoo.md):
 $ python compare.py --run --max_iters=300
 """
 import argparse
