@@ -34,7 +34,7 @@ SUITES = {
     # iters, lr 1e-3, dropout 0, eval every 250 on 20 batches), shakespeare_char
     'cpu_baby': dict(recipe=['config/moe_8e_cpu.py'],
                      runs=[(n, f'config/{FAIR_FILES[n]}.py', []) for n in FAIR],
-                     ladder=[('dense_x2', 'config/fair_dense.py', 2), ('dense_x3', 'config/fair_dense.py', 3)]),
+                     ladder=[('dense_x2', 'config/fair_dense.py', 2)]),
     # the same family at GPT-2 small width (12 x 768, block 1024, ~0.5M tokens per iter) on openwebtext, for a
     # GPU node: 5000 iters = 2.5B tokens per run (config/moe_owt.py's schedule shortened). docs/results.md has
     # the command (prepare.py openwebtext first; 8 GPUs: COMPARE_LAUNCH="torchrun --standalone --nproc_per_node=8")
@@ -436,8 +436,8 @@ def fmt_delta(r):
 
 def table(rows, ref, source):
     """The markdown table: causal runs ranked by final val CE, then the runs that are not comparable."""
-    causal = sorted((r for r in rows if r['causal']), key=lambda r: mean(r['ce']))
-    other = [r for r in rows if not r['causal']]
+    causal = sorted((r for r in rows if r['causal'] and not r.get('ladder')), key=lambda r: mean(r['ce']))
+    other = [r for r in rows if r.get('ladder')] + [r for r in rows if not r['causal']]  # other budget; not causal
     ev = rows[0]['eval_iters']
     ce_name = 'val CE, whole split' if source == 'whole' else f'val CE, {ev} batches'
     lines = [f'| # | run | seeds | params total / active | FLOPs/token | ms/iter | tokens/s | {ce_name} | '
@@ -452,7 +452,7 @@ def table(rows, ref, source):
         if r.get('ladder'):
             notes.append(f"reference ladder: {r['iters']} iters")
         lines.append(
-            f"| {i + 1 if r['causal'] else '-'} | {r['run']} | {r['seeds']} | {r['total'] / 1e6:.2f}M / "
+            f"| {i + 1 if r in causal else '-'} | {r['run']} | {r['seeds']} | {r['total'] / 1e6:.2f}M / "
             f"{r['active'] / 1e6:.2f}M | {r['fpt'] / 1e6:.2f}M | {pm(r['ms'], '.1f')} | {pm(r['tok_s'], ',.0f')} | "
             f"{pm(r['ce'], '.4f')} | {fmt_delta(r)} | {pm(r['ce_logged'], '.4f')} | "
             f"{fmt_mult(r['compute_x']) if 'compute_x' in r else '-'} | "
@@ -478,6 +478,7 @@ def plot(curves, rows, ref, path, source):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     causal = {r['run']: r['causal'] for r in rows}
+    ladder = {r['run'] for r in rows if r.get('ladder')}
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     lo = min(min(c['lo']) for c in curves.values())
     max_iter = max(c['iters'][-1] for c in curves.values())
@@ -485,7 +486,8 @@ def plot(curves, rows, ref, path, source):
     for ax, key, label in zip(axes, ('tokens', 'flops', 'seconds'),
                               ('training tokens', 'training FLOPs', 'training seconds (eval excluded)')):
         for name, c in curves.items():
-            style = dict(lw=2.5, color='black') if name == ref else dict(lw=1.4)
+            style = dict(lw=2.5, color='black') if name == ref else dict(lw=1.4, color='black', ls=':') \
+                if name in ladder else dict(lw=1.4)
             if not causal[name]:
                 style.update(ls='--')
             ln, = ax.plot(c[key], c['ce'], label=name + ('' if causal[name] else ' (not causal)'), **style)
