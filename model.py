@@ -112,6 +112,8 @@ class MoEGPTConfig:
             self.expert_hidden = 4 * self.n_embd // self.granularity
         if self.activation == 'swish':
             self.activation = 'silu'
+        misaligned = ("must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row strides in "
+                      "bf16); or use expert_impl='auto', which takes the loop when misaligned")
         checks = [
             ('block_size', self.block_size >= 1, 'must be >= 1'),
             ('vocab_size', self.vocab_size >= 1, 'must be >= 1'),
@@ -149,12 +151,8 @@ class MoEGPTConfig:
             ('z_loss_coef', self.z_loss_coef >= 0, 'must be >= 0'),
             ('expert_impl', self.expert_impl in EXPERT_IMPLS, f'must be one of {EXPERT_IMPLS}'),
             # bf16 grouped_mm rejects row strides that are not multiples of 16 bytes (8 elements)
-            ('n_embd', self.expert_impl != 'grouped' or self.n_embd % 8 == 0,
-             "must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row strides in "
-             "bf16); or use expert_impl='auto', which takes the loop when misaligned"),
-            ('expert_hidden', self.expert_impl != 'grouped' or self.expert_hidden % 8 == 0,
-             "must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row strides in "
-             "bf16); or use expert_impl='auto', which takes the loop when misaligned"),
+            ('n_embd', self.expert_impl != 'grouped' or self.n_embd % 8 == 0, misaligned),
+            ('expert_hidden', self.expert_impl != 'grouped' or self.expert_hidden % 8 == 0, misaligned),
             ('router', self.router in ROUTERS, f'must be one of {ROUTERS}'),
             ('n_shared_experts', self.n_shared_experts >= 0, 'must be >= 0'),
             ('bias_update_rate', self.bias_update_rate >= 0, 'must be >= 0'),
