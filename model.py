@@ -507,6 +507,18 @@ def grouped_mm_eager(a, b, offs):
     return F.grouped_mm(a, b, offs=offs)
 
 
+def append_ones(a_NX):
+    """(N, X) -> (N, X+8): [a, 1, 0 x 7]. Eight columns, not one: row strides stay multiples of 16 bytes."""
+    N = a_NX.shape[0]
+    return torch.cat([a_NX, a_NX.new_ones(N, 1), a_NX.new_zeros(N, 7)], dim=1)
+
+
+def append_bias(w_EXY, b_EY):
+    """(E, X, Y) -> (E, X+8, Y): [w; b; 0 x 7], so that append_ones(a) @ append_bias(w, b) = a @ w + b."""
+    E, _, Y = w_EXY.shape
+    return torch.cat([w_EXY, b_EY.to(w_EXY.dtype).unsqueeze(1), w_EXY.new_zeros(E, 7, Y)], dim=1)
+
+
 class GroupedExperts(nn.Module):
     """n_experts MLPs with weights stacked along a leading expert dim, applied to expert-sorted rows."""
 
@@ -553,19 +565,19 @@ class GroupedExperts(nn.Module):
             y = mm(a, b, offs=offs_E)
             return y if kept_N1 is None else torch.where(kept_N1, y, 0)
 
-        # Biases: gathered in their own dtype (fp32) with index_select, then cast: backward is an
-        # index_add_ that accumulates ~N/E rows per expert in fp32, like a dense Linear's bias grad
-        # (in bf16 that sum loses 7-50%); index_select's backward is not a serial index_put_ either.
-        h_NF = grouped_mm(x_ND, w1_EDF)
+        # Biases inside the grouped_mm: [x 1] @ [w1; b1] = x @ w1 + b1. The bias gradient then comes out
+        # of grouped_mm's weight gradient, each expert's rows summed with fp32 accumulation like a dense
+        # Linear's bias (a gather b[expert_ids_N] would sum them by atomic adds, ~N/E per address, slow
+        # on GPUs and, in bf16, 7-50% off), and no pass over the N x F activations is added.
         if self.b1_EF is not None:
-            h_NF = h_NF + self.b1_EF.index_select(0, expert_ids_N).to(dt)
+            x_ND, w1_EDF = append_ones(x_ND), append_bias(w1_EDF, self.b1_EF)
+        h_NF = grouped_mm(x_ND, w1_EDF)
         h_NH = activation_fn(self.activation, h_NF)
         if kept_N1 is not None:
             h_NH = torch.where(kept_N1, h_NH, 0)
-        y_ND = grouped_mm(h_NH, w2_EHD)
         if self.b2_ED is not None:
-            y_ND = y_ND + self.b2_ED.index_select(0, expert_ids_N).to(dt)
-        return y_ND
+            h_NH, w2_EHD = append_ones(h_NH), append_bias(w2_EHD, self.b2_ED)
+        return grouped_mm(h_NH, w2_EHD)
 
     def forward_loop(self, x_ND, counts, w1_EDF, w2_EHD):
         """Reference / fallback: one plain matmul per expert on its contiguous slice (biases per
@@ -593,6 +605,22 @@ class GroupedExperts(nn.Module):
 
 
 # ----------------------------------------------------------------------------- MoE layer
+
+class PermuteRows(torch.autograd.Function):
+    """x[idx] for a permutation idx, whose backward is the inverse permutation's gather, grad[inv_idx].
+    index_select's own backward is an index_add_: atomic adds (slow on GPUs, serial on CPUs) that
+    a permutation never needs."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv_idx):
+        ctx.save_for_backward(inv_idx)
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv_idx, = ctx.saved_tensors
+        return grad.index_select(0, inv_idx), None, None
+
 
 class MoELayer(nn.Module):
     """Router -> rows sorted by expert -> grouped experts -> gate-weighted scatter-add back to the
@@ -631,21 +659,32 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         logits_TE, probs_TE, topk_ids_TK, gates_TK = self.router(x_TD)
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        assign_of_N = rows_of_A = None
         if self.router.kind == 'expert_choice':
             token_of_N, gate_N, counts_E, kept_counts_E, expert_of_N, kept_N1, tokens_EC = \
                 self.route_expert_choice(probs_TE, capacity_factor)
         else:
-            token_of_N, gate_N, counts_E, kept_counts_E, expert_of_N, kept_N1 = \
-                self.route_token_choice(topk_ids_TK, gates_TK, capacity_factor, B, S)
+            counts_E, kept_counts_E, expert_of_N, kept_N1, assign_of_N, rows_of_A = \
+                self.route_token_choice(topk_ids_TK, capacity_factor, B, S)
 
-        x_ND = x_TD.index_select(0, token_of_N)                                # (N, D) gather, expert-sorted
+        xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
+        if rows_of_A is not None:  # token choice: all T*K assignments are rows, so both ways are permutations
+            K = topk_ids_TK.shape[1]
+            x_AD = xc_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)     # (T*K, D) row a = t*K + k
+            x_ND = PermuteRows.apply(x_AD, assign_of_N, rows_of_A)            # (N, D) gather, expert-sorted
+        else:
+            x_ND = xc_TD.index_select(0, token_of_N)                          # (N, D) gather, expert-sorted
         if kept_N1 is not None:
             x_ND = torch.where(kept_N1, x_ND, 0)
         y_ND = self.experts(x_ND, kept_counts_E, expert_of_N, kept_N1)        # (N, D)
-        y_ND = y_ND * gate_N.unsqueeze(1).to(y_ND.dtype)                      # gate-weighted rows
         if kept_N1 is not None:
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
-        out_TD = y_ND.new_zeros(T, D).index_add_(0, token_of_N, y_ND)         # (T, D) each token's rows summed
+        if rows_of_A is not None:
+            y_TKD = PermuteRows.apply(y_ND, rows_of_A, assign_of_N).view(T, K, D)  # back to token order
+            out_TD = (y_TKD * gates_TK.unsqueeze(2).to(y_TKD.dtype)).sum(1)    # (T, D) gate-weighted sum
+        else:
+            y_ND = y_ND * gate_N.unsqueeze(1).to(y_ND.dtype)                  # gate-weighted rows
+            out_TD = y_ND.new_zeros(T, D).index_add_(0, token_of_N, y_ND)     # (T, D) each token's rows summed
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
@@ -677,36 +716,36 @@ class MoELayer(nn.Module):
                 aux['routing'].update(topk_ids=topk_ids_TK.view(B, S, -1), topk_weights=gates_TK.view(B, S, -1))
         return out_BSD, aux
 
-    def route_token_choice(self, topk_ids_TK, gates_TK, capacity_factor, B, S):
+    def route_token_choice(self, topk_ids_TK, capacity_factor, B, S):
         """Each token picked k experts: sort the N = T*K assignments by expert, stably, so that inside
         each expert the assignments keep their priority order (what capacity dropping keeps first).
         capacity_priority 'choice' (GShard/Switch): n = k*T + t, every first choice of the micro-batch
         before any second choice. A token's second choice can then be dropped because of a *later*
         token's first choice, in its own or another sequence: the future leaks into the present.
         'position' (causal): n = s*K*B + k*B + b, all assignments of position s before those of
-        s+1, so a token's drops depend only on tokens at its position or earlier."""
+        s+1, so a token's drops depend only on tokens at its position or earlier.
+        Returns the sort as a permutation of the assignments a = t*K + k (token order) and its inverse."""
         E, T, K = self.n_experts, B * S, topk_ids_TK.shape[1]
-        t_TK = torch.arange(T, device=topk_ids_TK.device).unsqueeze(1).expand(T, K)
+        a_TK = torch.arange(T * K, device=topk_ids_TK.device).view(T, K)     # assignment a = t*K + k
         if capacity_factor > 0 and self.capacity_priority == 'position':
             perm = lambda v_TK: v_TK.view(B, S, K).permute(1, 2, 0).reshape(-1)  # (S, K, B) order
         else:
             perm = lambda v_TK: v_TK.t().reshape(-1)                             # (K, T) order
-        ids_N, gates_N, token_N = perm(topk_ids_TK), perm(gates_TK), perm(t_TK)  # (N,) each, priority order
+        ids_N, a_N = perm(topk_ids_TK), perm(a_TK)                            # (N,) each, priority order
         counts_E = torch.zeros(E, dtype=torch.long, device=ids_N.device)
         counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))                # (E,) tokens per expert
         kept_counts_E, kept_N1 = counts_E, None
         if capacity_factor > 0 and self.capacity_scope == 'sequence':
-            ids_N, kept_counts_E = self.apply_capacity_per_sequence(ids_N, token_N, capacity_factor, B, S)
+            ids_N, kept_counts_E = self.apply_capacity_per_sequence(ids_N, a_N // K, capacity_factor, B, S)
         elif capacity_factor > 0:
             ids_N, kept_counts_E = self.apply_capacity(ids_N, counts_E, capacity_factor, T)
         sorted_ids_N, order_N = torch.sort(ids_N, stable=True)                # (N,) expert of each row, row -> assignment
         if capacity_factor > 0:
             # Dropped rows (expert id E) sort last, past every expert's slice: masked to exactly 0.
             kept_N1 = (sorted_ids_N < E).unsqueeze(1)
-        # index_select, not v[order_N]: 5x faster on CPU, and its backward is an index_add_, not an
-        # accumulating index_put_
-        token_of_N, gate_N = token_N.index_select(0, order_N), gates_N.index_select(0, order_N)
-        return token_of_N, gate_N, counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1
+        assign_of_N = a_N.index_select(0, order_N)                            # (N,) row -> assignment a
+        rows_of_A = torch.empty_like(assign_of_N).scatter_(0, assign_of_N, torch.arange(T * K, device=a_N.device))
+        return counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1, assign_of_N, rows_of_A
 
     def apply_capacity(self, ids_N, counts_E, capacity_factor, T):
         """Switch/GShard capacity: each expert keeps its first `capacity` assignments in priority

@@ -141,10 +141,11 @@ def test_model_capacity_training_step_finite_under_cuda_rules(cuda_grouped_mm):
     assert not bad, bad
 
 
-def test_expert_bias_grads_accumulate_in_fp32_under_bf16():
-    """~N/E rows per expert summed into one bias gradient: a dense Linear does it in fp32; so must the
-    experts (in bf16 the sum loses 7-50%). The gradient reaching y_ND is exactly representable in
-    bf16, so the float64 sum of it is the exact answer."""
+def test_expert_bias_grads_accumulate_like_a_dense_linear_under_bf16():
+    """~N/E rows per expert summed into one bias gradient. A dense Linear under bf16 autocast sums its
+    rows with fp32 accumulation and rounds to bf16 (0.23% here, against 2^-9 = 0.2% for one rounding);
+    the experts must be of that order (summed in bf16, e.g. by atomic adds, the sum loses 7-50%). The gradient reaching y_ND is
+    exactly representable in bf16, so the float64 sum of it is the exact answer."""
     cfg = MoEGPTConfig(n_embd=16, n_head=2, n_experts=2, top_k=1, expert_hidden=16, bias=True,
                        expert_impl='grouped', block_size=8, vocab_size=8)
     ex = GroupedExperts(cfg)
@@ -160,7 +161,13 @@ def test_expert_bias_grads_accumulate_in_fp32_under_bf16():
     ref = torch.zeros(2, 16, dtype=torch.float64).index_add_(0, ids, g.double())
     rel = ((ex.b2_ED.grad.double() - ref).abs() / ref).max().item()
     assert ex.b2_ED.grad.dtype == torch.float32
-    assert rel < 1e-4, f'expert bias gradient off by {rel:.1%} (bf16 accumulation)'
+
+    dense = torch.nn.Linear(16, 16)  # the standard: the same rows through a dense Linear
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        dense(x[:N // 2]).backward(g[:N // 2])
+    rel_dense = ((dense.bias.grad.double() - ref[0]).abs() / ref[0]).max().item()
+    assert rel <= max(2 * rel_dense, 2 ** -8), \
+        f'expert bias gradient off by {rel:.2%} (a dense Linear: {rel_dense:.2%})'
 
 
 # ----------------------------------------------------------------------------- alignment

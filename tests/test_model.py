@@ -136,6 +136,38 @@ def test_dropless_equals_naive_float64_reference(activation, norm):
     assert aux['expert_counts'].sum().item() == 3 * 7 * 2
 
 
+@pytest.mark.parametrize('expert_impl', ['loop', 'grouped'] if HAS_GROUPED_MM else ['loop'])
+@pytest.mark.parametrize('activation', ['gelu', 'swiglu'])
+def test_dropless_gradients_equal_naive_float64_reference(expert_impl, activation):
+    """The dispatch's backward (PermuteRows' inverse gathers, the sum over k, the biases folded into
+    grouped_mm) against autograd through the per-token loop in float64: input, router, expert weights,
+    biases. grouped_mm has no float64 kernel: that path runs in float32 (same weights)."""
+    dtype, tol = (torch.float32, 1e-5) if expert_impl == 'grouped' else (torch.float64, 1e-10)
+    grads = []
+    for run in ('ours', 'naive'):
+        layer = moe_layer(activation=activation, n_experts=5, top_k=2, expert_impl=expert_impl)
+        layer = layer.to(dtype if run == 'ours' else torch.float64)
+        x = torch.randn(3, 7, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        x = x.to(layer.router.gate.weight.dtype).requires_grad_(True)
+        out = layer(x)[0] if run == 'ours' else naive_moe(layer, x.view(-1, 16)).view(3, 7, 16)
+        (out.double() * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        grads.append({'x': x.grad, **{n: p.grad for n, p in layer.named_parameters()}})
+    ours, ref = grads
+    assert set(ours) == set(ref)
+    for name in ref:
+        err = ((ours[name].double() - ref[name]).abs().max() / ref[name].abs().max()).item()
+        assert err < tol, (name, err)
+
+
+def test_permute_rows_backward_is_the_inverse_gather():
+    from model import PermuteRows
+    idx = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    inv = torch.empty_like(idx).scatter_(0, idx, torch.arange(12))
+    x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(PermuteRows.apply(x, idx, inv), x[idx])
+    assert torch.autograd.gradcheck(lambda v: PermuteRows.apply(v, idx, inv), (x,))
+
+
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch.nn.functional.grouped_mm needs torch >= 2.8')
 @pytest.mark.parametrize('capacity_factor', [0.0, 0.8])
 @pytest.mark.parametrize('activation', ['gelu', 'swiglu'])
