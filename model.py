@@ -965,7 +965,10 @@ class MoEGPT(nn.Module):
             logits_flat = logits.view(-1, logits.size(-1))
             ce = F.cross_entropy(logits_flat.to(torch.promote_types(logits.dtype, torch.float32)),
                                  targets.view(-1), ignore_index=-1)
-            loss = ce + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
+            loss = ce
+            if auxes:  # not ce + 0 for a dense model: inductor folds it to ce itself, and returning
+                # ce.detach() beside it then marks the loss non-differentiable (pytorch PR #194760)
+                loss = ce + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
             stats['ce'] = ce.detach()
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed

@@ -460,3 +460,24 @@ def test_optimizer_groups_decay_weights_not_biases():
     assert 'transformer.h.0.mlp.experts.b2_ED' in no_decay and 'transformer.h.0.ln_1.weight' in no_decay
     assert all(n.endswith('weight') or n.endswith(('w1_EDF', 'w2_EHD')) for n in decay)
     assert len(decay) + len(no_decay) == len(names)
+
+
+@pytest.mark.parametrize('n_experts', [1, 4])
+def test_compiled_model_trains_like_eager(n_experts):
+    """torch.compile (inductor, what train.py uses on GPUs) gives the eager loss and gradients, dense
+    model included: `ce + 0 * aux` with ce.detach() in the stats once came back non-differentiable."""
+    cfg = tiny_config(n_experts=n_experts, top_k=min(2, n_experts), expert_hidden=64 if n_experts == 1 else 24)
+    idx = torch.randint(0, 37, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MoEGPT(cfg)
+        step = torch.compile(model) if compiled else model
+        _, loss, stats = step(idx, idx.roll(-1, 1))
+        assert loss.requires_grad, 'compiled loss lost its graph'
+        loss.backward()
+        results.append((loss.detach(), stats['ce'], {n: p.grad for n, p in model.named_parameters()}))
+    (l0, ce0, g0), (l1, ce1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(ce0, ce1, atol=1e-5)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
