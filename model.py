@@ -606,20 +606,23 @@ class GroupedExperts(nn.Module):
 
 # ----------------------------------------------------------------------------- MoE layer
 
-class PermuteRows(torch.autograd.Function):
-    """x[idx] for a permutation idx, whose backward is the inverse permutation's gather, grad[inv_idx].
-    index_select's own backward is an index_add_: atomic adds (slow on GPUs, serial on CPUs) that
-    a permutation never needs."""
+class GatherRows(torch.autograd.Function):
+    """x[idx] where every row of x is taken exactly k times: the dispatch (k = top_k, each token to
+    its k rows) and the combine (k = 1, a permutation back to token order). Given inv_idx, the rows
+    of the output holding row i's copies at inv_idx[i*k : (i+1)*k], the backward is a gather and a
+    sum over the k copies. index_select's own backward is an index_add_: atomic adds (slow on GPUs)."""
 
     @staticmethod
-    def forward(ctx, x, idx, inv_idx):
+    def forward(ctx, x, idx, inv_idx, k):
         ctx.save_for_backward(inv_idx)
+        ctx.k = k
         return x.index_select(0, idx)
 
     @staticmethod
     def backward(ctx, grad):
         inv_idx, = ctx.saved_tensors
-        return grad.index_select(0, inv_idx), None, None
+        g = grad.index_select(0, inv_idx)
+        return (g if ctx.k == 1 else g.view(-1, ctx.k, g.shape[1]).sum(1)), None, None, None
 
 
 class MoELayer(nn.Module):
@@ -668,10 +671,9 @@ class MoELayer(nn.Module):
                 self.route_token_choice(topk_ids_TK, capacity_factor, B, S)
 
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
-        if rows_of_A is not None:  # token choice: all T*K assignments are rows, so both ways are permutations
+        if rows_of_A is not None:  # token choice: every token has exactly K rows, gathers both ways
             K = topk_ids_TK.shape[1]
-            x_AD = xc_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)     # (T*K, D) row a = t*K + k
-            x_ND = PermuteRows.apply(x_AD, assign_of_N, rows_of_A)            # (N, D) gather, expert-sorted
+            x_ND = GatherRows.apply(xc_TD, assign_of_N // K, rows_of_A, K)      # (N, D) gather, expert-sorted
         else:
             x_ND = xc_TD.index_select(0, token_of_N)                          # (N, D) gather, expert-sorted
         if kept_N1 is not None:
@@ -680,7 +682,7 @@ class MoELayer(nn.Module):
         if kept_N1 is not None:
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
         if rows_of_A is not None:
-            y_TKD = PermuteRows.apply(y_ND, rows_of_A, assign_of_N).view(T, K, D)  # back to token order
+            y_TKD = GatherRows.apply(y_ND, rows_of_A, assign_of_N, 1).view(T, K, D)  # back to token order
             out_TD = (y_TKD * gates_TK.unsqueeze(2).to(y_TKD.dtype)).sum(1)    # (T, D) gate-weighted sum
         else:
             y_ND = y_ND * gate_N.unsqueeze(1).to(y_ND.dtype)                  # gate-weighted rows

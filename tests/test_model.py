@@ -139,7 +139,7 @@ def test_dropless_equals_naive_float64_reference(activation, norm):
 @pytest.mark.parametrize('expert_impl', ['loop', 'grouped'] if HAS_GROUPED_MM else ['loop'])
 @pytest.mark.parametrize('activation', ['gelu', 'swiglu'])
 def test_dropless_gradients_equal_naive_float64_reference(expert_impl, activation):
-    """The dispatch's backward (PermuteRows' inverse gathers, the sum over k, the biases folded into
+    """The dispatch's backward (GatherRows' gathers, the sum over k, the biases folded into
     grouped_mm) against autograd through the per-token loop in float64: input, router, expert weights,
     biases. grouped_mm has no float64 kernel: that path runs in float32 (same weights)."""
     dtype, tol = (torch.float32, 1e-5) if expert_impl == 'grouped' else (torch.float64, 1e-10)
@@ -159,13 +159,22 @@ def test_dropless_gradients_equal_naive_float64_reference(expert_impl, activatio
         assert err < tol, (name, err)
 
 
-def test_permute_rows_backward_is_the_inverse_gather():
-    from model import PermuteRows
-    idx = torch.randperm(12, generator=torch.Generator().manual_seed(0))
-    inv = torch.empty_like(idx).scatter_(0, idx, torch.arange(12))
-    x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.equal(PermuteRows.apply(x, idx, inv), x[idx])
-    assert torch.autograd.gradcheck(lambda v: PermuteRows.apply(v, idx, inv), (x,))
+@pytest.mark.parametrize('k', [1, 3])
+def test_gather_rows_backward_equals_index_select_backward(k):
+    """GatherRows (every row taken k times; the backward a gather and a sum) against index_select's
+    autograd, float64, and gradcheck."""
+    from model import GatherRows
+    n = 5
+    idx = torch.arange(n).repeat_interleave(k)[torch.randperm(n * k, generator=torch.Generator().manual_seed(0))]
+    inv = torch.argsort(idx, stable=True)  # output rows holding row i's copies: inv[i*k:(i+1)*k]
+    x = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(n * k, 3, dtype=torch.float64)
+    out = GatherRows.apply(x, idx, inv, k)
+    assert torch.equal(out, x[idx])
+    ours, = torch.autograd.grad(out, x, g)
+    ref, = torch.autograd.grad(x.index_select(0, idx), x, g)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: GatherRows.apply(v, idx, inv, k), (x,))
 
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch.nn.functional.grouped_mm needs torch >= 2.8')
