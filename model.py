@@ -13,7 +13,7 @@ Shape suffixes name every dispatch tensor (torchtitan's convention):
 
 Dispatch is dropless by default: the N assignments are sorted by expert, every expert runs on its
 contiguous slice (one grouped matmul for all experts, or a loop over the slices), and the results are
-weighted by the gates and scatter-added back to their tokens. No Python loop over tokens, no
+gathered back to their tokens and summed, weighted by the gates. No Python loop over tokens, no
 tokens x experts x capacity one-hot tensors. Aux losses and routing statistics are *returned*, never
 stored on the module.
 """
@@ -545,12 +545,12 @@ class GroupedExperts(nn.Module):
     def use_grouped(self, x):
         return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
 
-    def forward(self, x_ND, counts_E, expert_ids_N, kept_N1=None):
-        """x_ND: rows sorted by expert; counts_E: rows per expert; expert_ids_N: the expert of each
-        row (for the biases). kept_N1 (capacity mode): False on the dropped rows past sum(counts_E).
+    def forward(self, x_ND, counts_E, kept_N1=None):
+        """x_ND: rows sorted by expert; counts_E: rows per expert. kept_N1 (capacity mode): False on
+        the dropped rows past sum(counts_E).
         CUDA's grouped_mm allocates its output uninitialised and writes only the rows up to offs[-1],
         in forward and in the input gradient of backward: those rows hold garbage (NaN, Inf), and
-        0 * NaN is NaN. So every grouped_mm output is masked at once, before bias, activation and
+        0 * NaN is NaN. So every grouped_mm output is masked at once, before activation and
         gate see it, and the activation's output is masked too (its backward input is the next
         grouped_mm's input gradient). tests/test_cuda_rules.py emulates the garbage on CPU."""
         dt = compute_dtype(x_ND)
@@ -567,7 +567,7 @@ class GroupedExperts(nn.Module):
 
         # Biases inside the grouped_mm: [x 1] @ [w1; b1] = x @ w1 + b1. The bias gradient then comes out
         # of grouped_mm's weight gradient, each expert's rows summed with fp32 accumulation like a dense
-        # Linear's bias (a gather b[expert_ids_N] would sum them by atomic adds, ~N/E per address, slow
+        # Linear's bias (a gather b[expert of each row] would sum them by atomic adds, ~N/E per address, slow
         # on GPUs and, in bf16, 7-50% off), and no pass over the N x F activations is added.
         if self.b1_EF is not None:
             x_ND, w1_EDF = append_ones(x_ND), append_bias(w1_EDF, self.b1_EF)
@@ -626,8 +626,8 @@ class GatherRows(torch.autograd.Function):
 
 
 class MoELayer(nn.Module):
-    """Router -> rows sorted by expert -> grouped experts -> gate-weighted scatter-add back to the
-    tokens (+ shared experts). Every router ends in this one dispatch: it only has to say, for each
+    """Router -> rows sorted by expert -> grouped experts -> gate-weighted sum back in the tokens
+    (+ shared experts). Every router ends in this one dispatch: it only has to say, for each
     row, which token, which expert and which gate. Returns (output, aux dict)."""
 
     def __init__(self, config):
@@ -664,10 +664,10 @@ class MoELayer(nn.Module):
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         assign_of_N = rows_of_A = None
         if self.router.kind == 'expert_choice':
-            token_of_N, gate_N, counts_E, kept_counts_E, expert_of_N, kept_N1, tokens_EC = \
+            token_of_N, gate_N, counts_E, kept_counts_E, kept_N1, tokens_EC = \
                 self.route_expert_choice(probs_TE, capacity_factor)
         else:
-            counts_E, kept_counts_E, expert_of_N, kept_N1, assign_of_N, rows_of_A = \
+            counts_E, kept_counts_E, kept_N1, assign_of_N, rows_of_A = \
                 self.route_token_choice(topk_ids_TK, capacity_factor, B, S)
 
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
@@ -678,7 +678,7 @@ class MoELayer(nn.Module):
             x_ND = xc_TD.index_select(0, token_of_N)                          # (N, D) gather, expert-sorted
         if kept_N1 is not None:
             x_ND = torch.where(kept_N1, x_ND, 0)
-        y_ND = self.experts(x_ND, kept_counts_E, expert_of_N, kept_N1)        # (N, D)
+        y_ND = self.experts(x_ND, kept_counts_E, kept_N1)                     # (N, D)
         if kept_N1 is not None:
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
         if rows_of_A is not None:
@@ -747,7 +747,7 @@ class MoELayer(nn.Module):
             kept_N1 = (sorted_ids_N < E).unsqueeze(1)
         assign_of_N = a_N.index_select(0, order_N)                            # (N,) row -> assignment a
         rows_of_A = torch.empty_like(assign_of_N).scatter_(0, assign_of_N, torch.arange(T * K, device=a_N.device))
-        return counts_E, kept_counts_E, sorted_ids_N.clamp(max=E - 1), kept_N1, assign_of_N, rows_of_A
+        return counts_E, kept_counts_E, kept_N1, assign_of_N, rows_of_A
 
     def apply_capacity(self, ids_N, counts_E, capacity_factor, T):
         """Switch/GShard capacity: each expert keeps its first `capacity` assignments in priority
@@ -788,8 +788,7 @@ class MoELayer(nn.Module):
         C = min(T, math.ceil((capacity_factor or self.top_k) * T / E))
         gates_EC, tokens_EC = torch.topk(probs_TE.t(), C, dim=1)              # (E, C) each expert's tokens
         counts_E = torch.full((E,), C, dtype=torch.long, device=probs_TE.device)
-        expert_of_N = torch.arange(E, device=probs_TE.device).repeat_interleave(C)
-        return tokens_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, expert_of_N, None, tokens_EC
+        return tokens_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, None, tokens_EC
 
     def balance_loss(self, probs_TE, topk_ids_TK, counts_E, B, S):
         """The Switch loss over the micro-batch, per sequence, or with the loads of all DDP ranks
