@@ -581,7 +581,7 @@ class GroupedExperts(nn.Module):
 
     def forward_loop(self, x_ND, counts, w1_EDF, w2_EHD):
         """Reference / fallback: one plain matmul per expert on its contiguous slice (biases per
-        slice). split / unbind, not x[a:b] / w[e]: each slice or select would get a full-size zero
+        slice, in the matmul). split / unbind, not x[a:b] / w[e]: each slice or select would get a full-size zero
         gradient in backward (SliceBackward / SelectBackward), O(E) full-size fills and adds;
         split's and unbind's backward is a single cat / stack."""
         dt = x_ND.dtype
@@ -594,11 +594,11 @@ class GroupedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            h = xs[e] @ w1s[e]
-            if b1s is not None:
-                h = h + b1s[e]
-            y = activation_fn(self.activation, h) @ w2s[e]
-            ys.append(y + b2s[e] if b2s is not None else y)
+            # addmm, like nn.Linear: the bias rides in the matmul call (the CPU recipe's expert loop,
+            # forward + backward: 8.3 -> 8.0 ms)
+            h = xs[e] @ w1s[e] if b1s is None else torch.addmm(b1s[e], xs[e], w1s[e])
+            a = activation_fn(self.activation, h)
+            ys.append(a @ w2s[e] if b2s is None else torch.addmm(b2s[e], a, w2s[e]))
         if kept < x_ND.shape[0]:  # rows of dropped assignments (capacity mode): zeros
             ys.append(x_ND.new_zeros(x_ND.shape[0] - kept, w2_EHD.shape[-1]))
         return torch.cat(ys) if ys else x_ND.new_zeros(0, w2_EHD.shape[-1])
