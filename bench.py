@@ -10,6 +10,7 @@ absolute times drift on a shared machine, ratios taken this way mostly don't.
   python bench.py --quick                # CI smoke: tiny sizes, seconds, correctness checks included
   python bench.py --device cuda --compile   # GPU: bf16, GPT-2-small sized model step, torch.compile
   python bench.py --balanced --json      # uniform routing (kernel speed without load skew), JSON out
+  python bench.py --baseline OLD.py      # another version of model.py (git show REV:model.py) timed beside ours
 
 Sections
  1. MoE layer forward+backward. Ours (model.MoELayer, expert_impl grouped | loop | auto) against
@@ -18,6 +19,7 @@ Sections
       onehot:   GShard / nanoMoE capacity dispatch+combine tensors [tokens, experts, capacity] with
                 einsum/bmm, capacity factor 1.25 (overflow dropped)
       dense:    one MLP of hidden top_k*expert_hidden: the same active FLOPs; the target to reach
+      baseline: (--baseline FILE) the MoELayer of another model.py, same weights: did a change help?
  2. Whole-model training step (fwd+bwd+AdamW): tokens/s and MFU on active params, MoE vs the dense
     model of equal active FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd).
     2b (CPU): the same at nanoGPT's CPU recipe (config/moe_8e_cpu.py sizes), experts 4D/top_k wide
@@ -28,6 +30,7 @@ Sections
 Before any timing, every variant's output is checked against ours (section "checks").
 """
 import argparse
+import importlib.util
 import inspect
 import json
 import math
@@ -163,13 +166,15 @@ def force_balanced_routing(router):
 
 # ----------------------------------------------------------------------------- the layers
 
-def make_layer(D, E, K, H, device, dtype, capacity_factor=0.0, balanced=False, seed=0):
+def make_layer(D, E, K, H, device, dtype, capacity_factor=0.0, balanced=False, seed=0, module=None):
     """Our MoELayer with the model's init, plus small random biases (so the baselines are checked
-    with biases too) and a router std of 0.02 (the model's 0.01 is near-uniform on purpose)."""
-    cfg = MoEGPTConfig(n_embd=D, n_head=1, n_experts=E, top_k=K, expert_hidden=H, dropout=0.0,
-                       capacity_factor=capacity_factor, expert_impl='auto')
+    with biases too) and a router std of 0.02 (the model's 0.01 is near-uniform on purpose).
+    module: another model.py (--baseline), whose MoELayer gets the same weights."""
+    mod = module or sys.modules[MoELayer.__module__]
+    cfg = mod.MoEGPTConfig(n_embd=D, n_head=1, n_experts=E, top_k=K, expert_hidden=H, dropout=0.0,
+                           capacity_factor=capacity_factor, expert_impl='auto')
     g = torch.Generator().manual_seed(seed)
-    layer = MoELayer(cfg)
+    layer = mod.MoELayer(cfg)
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.randn(E, D, generator=g) * 0.02)
         layer.experts.w1_EDF.copy_(torch.randn(layer.experts.w1_EDF.shape, generator=g) * 0.02)
@@ -279,7 +284,15 @@ def fwd_bwd(fn, x, grad_out, params):
 
 # ----------------------------------------------------------------------------- checks
 
-def check_layer_variants(D, E, K, H, T, device, dtype, balanced):
+def load_baseline(path):
+    """Another version of model.py (e.g. `git show REV:model.py > OLD.py`), imported from its path."""
+    spec = importlib.util.spec_from_file_location('baseline_model', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_layer_variants(D, E, K, H, T, device, dtype, balanced, baseline=None):
     """Every variant against ours on the same input: returns a list of check dicts."""
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     layer = make_layer(D, E, K, H, device, dtype, balanced=balanced)
@@ -311,6 +324,9 @@ def check_layer_variants(D, E, K, H, T, device, dtype, balanced):
         ref_dense = sum(activation_fn(ex.activation, x @ ex.w1_EDF[e] + ex.b1_EF[e]) @ ex.w2_EHD[e]
                         + ex.b2_ED[e] for e in range(K))
         compare('dense vs sum of experts 0..K-1', dense(x), ref_dense)
+        if baseline is not None:
+            compare('baseline vs ours', make_layer(D, E, K, H, device, dtype, balanced=balanced,
+                                                   module=baseline)(x)[0], ref)
     # gradients too: input grad of each dropless variant against ours
     g = torch.randn_like(x)
     grads = {}
@@ -329,7 +345,7 @@ def check_layer_variants(D, E, K, H, T, device, dtype, balanced):
 
 # ----------------------------------------------------------------------------- 1. layer bench
 
-def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, budget_gib=None):
+def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, budget_gib=None, baseline=None):
     E, K, hidden_fn = MOE_SHAPES[shape_name]
     H = hidden_fn(D)
     layer = make_layer(D, E, K, H, device, dtype, balanced=balanced)
@@ -361,6 +377,14 @@ def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, bu
         fns['ours+compile'] = lambda: fwd_bwd(lambda v: (setattr(layer.experts, 'expert_impl', 'auto'),
                                                          layer_c(v)[0])[1], x, g, lp)
         fns['dense+compile'] = lambda: fwd_bwd(dense_c, x, g, dp)
+    if baseline is not None:
+        base = make_layer(D, E, K, H, device, dtype, balanced=balanced, module=baseline)
+        base.train()
+        bp = list(base.parameters())
+        fns['baseline'] = lambda: fwd_bwd(lambda v: base(v)[0], x, g, bp)
+        if compile_:
+            base_c = torch.compile(base)
+            fns['baseline+compile'] = lambda: fwd_bwd(lambda v: base_c(v)[0], x, g, bp)
     t = time_interleaved(fns, device, repeats)
     t['ours'] = t[auto_impl]  # 'auto' runs exactly the impl it resolves to: same code, same time
     row = dict(n_embd=D, moe=shape_name, n_experts=E, top_k=K, expert_hidden=H,
@@ -374,6 +398,10 @@ def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, bu
     row['tflops_ours'] = 6 * T * K * D * H * 2 / t['ours'] / 1e12  # expert matmul FLOPs, fwd+bwd
     if compile_:
         row['compiled_vs_dense_compiled'] = t['dense+compile'] / t['ours+compile']
+    if baseline is not None:  # > 1: ours is faster than the baseline
+        row['vs_baseline'] = t['baseline'] / t['ours']
+        if compile_:
+            row['compiled_vs_baseline_compiled'] = t['baseline+compile'] / t['ours+compile']
     return row
 
 
@@ -603,6 +631,9 @@ def print_report(res):
            'onehot', 'dense', 'x tutorial', 'x onehot', 'ours/dense']
     if res['meta']['compile']:
         hdr += ['ours+cmp', 'dense+cmp', 'cmp/dense']
+    has_base = bool(res['layer']) and 'vs_baseline' in res['layer'][0]
+    if has_base:
+        hdr += ['baseline', 'x baseline'] + (['base+cmp', 'x base+cmp'] if res['meta']['compile'] else [])
     rows = []
     for r in res['layer']:
         ms = r['ms']
@@ -615,6 +646,10 @@ def print_report(res):
         if res['meta']['compile']:
             row += [fmt(ms['ours+compile'], '.1f'), fmt(ms['dense+compile'], '.1f'),
                     fmt(r['compiled_vs_dense_compiled'])]
+        if has_base:
+            row += [fmt(ms['baseline'], '.1f'), fmt(r['vs_baseline']) + 'x']
+            if res['meta']['compile']:
+                row += [fmt(ms['baseline+compile'], '.1f'), fmt(r['compiled_vs_baseline_compiled']) + 'x']
         rows.append([str(c) for c in row])
     print_table(hdr, rows)
 
@@ -684,6 +719,9 @@ def parse_args(argv=None):
     p.add_argument('--onehot-budget-gib', type=float, default=None,
                    help='memory the one-hot baseline may use (default: half of free RAM / GPU memory); '
                         'sizes whose estimate exceeds it are reported as OOM instead of run')
+    p.add_argument('--baseline', default=None, metavar='FILE',
+                   help='another version of model.py (e.g. `git show REV:model.py > old_model.py`): its '
+                        'MoELayer, with the same weights, is checked and timed beside ours in section 1')
     p.add_argument('--skip', default='', help='comma list of sections to skip: layer,model,memory,sampling,compile')
     p.add_argument('--_mem-child', default=None, help=argparse.SUPPRESS)
     p.add_argument('--mcfg', default=None, help=argparse.SUPPRESS)
@@ -710,12 +748,14 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     peak_flops, peak_how = peak_matmul_flops(device, dtype)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    baseline = load_baseline(args.baseline) if args.baseline else None
 
     res = dict(meta=dict(device=device.type, dtype=args.dtype, torch=torch.__version__,
                          device_name=torch.cuda.get_device_name(device) if device.type == 'cuda'
                          else (platform.processor() or platform.machine()) + f', {os.cpu_count()} cpus',
                          threads=torch.get_num_threads(), balanced=args.balanced, compile=args.compile,
-                         quick=args.quick, repeats=repeats, peak_flops=peak_flops, peak_how=peak_how),
+                         quick=args.quick, repeats=repeats, peak_flops=peak_flops, peak_how=peak_how,
+                         baseline=args.baseline),
                model_cfg_desc=', '.join(f'{k}={v}' for k, v in mcfg.items()))
 
     # correctness first: small sizes, every variant against ours
@@ -725,7 +765,7 @@ def main(argv=None):
         E, K, hidden_fn = MOE_SHAPES[name]
         D = 64 if args.quick else 128
         checks += check_layer_variants(D, E, K, hidden_fn(D), 256 if args.quick else 512, device, dtype,
-                                       args.balanced)
+                                       args.balanced, baseline)
     res['checks'] = checks
 
     res['layer'] = []
@@ -735,7 +775,7 @@ def main(argv=None):
                 for T in tokens:
                     log(f'layer D={D} {name} T={T} ...')
                     res['layer'].append(bench_layer(D, name, T, device, dtype, repeats, args.balanced,
-                                                    args.compile, args.onehot_budget_gib))
+                                                    args.compile, args.onehot_budget_gib, baseline))
     res['model'] = []
     if 'model' not in skip:
         log('model step ...')

@@ -64,3 +64,24 @@ def test_onehot_oom_guard_estimate():
     C = bench.onehot_capacity(T, E, K, 1.25)
     assert C == 1280
     assert bench.onehot_bytes(T, E, K, 1.25, 4) == T * E * C * 18
+
+
+@pytest.mark.parametrize('changed', [False, True])
+def test_baseline_model_is_checked_and_timed_beside_ours(tmp_path, changed):
+    """--baseline FILE: another model.py's MoELayer with the same weights. This very model.py matches
+    ours (to fp32 rounding: the check's reference is the grouped path, the baseline runs 'auto') and
+    gets a column and a ratio; one whose GELU became a ReLU fails the check."""
+    src = (REPO / 'model.py').read_text()
+    if changed:
+        src = src.replace("        return F.gelu(h)\n", "        return F.relu(h)\n", 1)
+    path = tmp_path / 'model_base.py'
+    path.write_text(src)
+    res = bench.main(['--quick', '--json', '--threads', '1', '--moe', '8e-top2', '--baseline', str(path),
+                      '--skip', 'model,memory,sampling,compile'])
+    check, = [c for c in res['checks'] if c['variant'] == 'baseline vs ours']
+    if changed:
+        assert not check['ok'] and check['max_rel_err'] > 1e-4
+    else:
+        assert check['ok'] and check['max_rel_err'] < 1e-6
+        row, = res['layer']
+        assert row['ms']['baseline'] > 0 and row['vs_baseline'] == row['ms']['baseline'] / row['ms']['ours']
