@@ -85,3 +85,18 @@ def test_baseline_model_is_checked_and_timed_beside_ours(tmp_path, changed):
         assert check['ok'] and check['max_rel_err'] < 1e-6
         row, = res['layer']
         assert row['ms']['baseline'] > 0 and row['vs_baseline'] == row['ms']['baseline'] / row['ms']['ours']
+
+
+def test_ci_gpu_script_passes_bench_valid_arguments():
+    """.ci/gpu (the prepared run for a lent GPU, which CI never has) must not rot: its bench.py
+    command lines parse with today's bench.py, and each runs something."""
+    import re
+    import shlex
+    text = (REPO / '.ci/gpu').read_text().replace('\\\n', ' ')
+    lines = [ln.split('python bench.py', 1)[1] for ln in text.splitlines() if 'python bench.py' in ln]
+    assert len(lines) == 2
+    for rest in lines:
+        argv = shlex.split(re.sub(r'\$\{BASELINE:\+[^}]*\}', '--baseline old_model.py', rest))
+        args = bench.parse_args(argv)
+        assert args.device == 'cuda' and args.compile
+        assert set(args.skip.split(',')) != {'layer', 'model', 'memory', 'sampling', 'compile'}

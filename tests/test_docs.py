@@ -76,6 +76,9 @@ UNCHECKABLE = {
     'curl -o ~/.cache/tiktoken/6c7ea1a7e38e3a7f062df639a5b80947f075ffe6 '
     'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json':
         'downloads from openaipublic: needs the network (the same block copies the file instead)',
+    'bash .ci/gpu':
+        'needs a CUDA GPU, which CI has not; its bench.py arguments are checked by tests/test_bench.py, '
+        'and its CUDA tests are in this suite (skipped without a GPU)',
     'python compare.py OUT_DIR ...':
         'a placeholder for the reader\'s own runs; the same report path runs on real out_dirs in '
         '`python compare.py out-zoo/dense out-zoo/switch_top1` (docs/routing_zoo.md)',
