@@ -10,7 +10,7 @@ absolute times drift on a shared machine, ratios taken this way mostly don't.
   python bench.py --quick                # CI smoke: tiny sizes, seconds, correctness checks included
   python bench.py --device cuda --compile   # GPU: bf16, GPT-2-small sized model step, torch.compile
   python bench.py --balanced --json      # uniform routing (kernel speed without load skew), JSON out
-  python bench.py --baseline OLD.py      # another version of model.py (git show REV:model.py) timed beside ours
+  python bench.py --baseline OLD.py      # another model.py (git show REV:model.py), timed beside ours
 
 Sections
  1. MoE layer forward+backward. Ours (model.MoELayer, expert_impl grouped | loop | auto) against

@@ -565,10 +565,10 @@ class GroupedExperts(nn.Module):
             y = mm(a, b, offs=offs_E)
             return y if kept_N1 is None else torch.where(kept_N1, y, 0)
 
-        # Biases inside the grouped_mm: [x 1] @ [w1; b1] = x @ w1 + b1. The bias gradient then comes out
-        # of grouped_mm's weight gradient, each expert's rows summed with fp32 accumulation like a dense
-        # Linear's bias (a gather b[expert of each row] would sum them by atomic adds, ~N/E per address, slow
-        # on GPUs and, in bf16, 7-50% off), and no pass over the N x F activations is added.
+        # Biases inside the grouped_mm: [x 1] @ [w1; b1] = x @ w1 + b1. The bias gradient then comes
+        # out of grouped_mm's weight gradient, each expert's rows summed with fp32 accumulation like a
+        # dense Linear's bias (a gather b[expert of each row] would sum them by atomic adds, ~N/E per
+        # address, slow on GPUs and, in bf16, 7-50% off), and no pass over the N x F activations.
         if self.b1_EF is not None:
             x_ND, w1_EDF = append_ones(x_ND), append_bias(w1_EDF, self.b1_EF)
         h_NF = grouped_mm(x_ND, w1_EDF)
@@ -581,9 +581,9 @@ class GroupedExperts(nn.Module):
 
     def forward_loop(self, x_ND, counts, w1_EDF, w2_EHD):
         """Reference / fallback: one plain matmul per expert on its contiguous slice (biases per
-        slice, in the matmul). split / unbind, not x[a:b] / w[e]: each slice or select would get a full-size zero
-        gradient in backward (SliceBackward / SelectBackward), O(E) full-size fills and adds;
-        split's and unbind's backward is a single cat / stack."""
+        slice, in the matmul). split / unbind, not x[a:b] / w[e]: each slice or select would get a
+        full-size zero gradient in backward (SliceBackward / SelectBackward), O(E) full-size fills and
+        adds; split's and unbind's backward is a single cat / stack."""
         dt = x_ND.dtype
         w1s, w2s = w1_EDF.unbind(0), w2_EHD.unbind(0)
         b1s = self.b1_EF.to(dt).unbind(0) if self.b1_EF is not None else None
@@ -746,7 +746,7 @@ class MoELayer(nn.Module):
             # Dropped rows (expert id E) sort last, past every expert's slice: masked to exactly 0.
             kept_N1 = (sorted_ids_N < E).unsqueeze(1)
         assign_of_N = a_N.index_select(0, order_N)                            # (N,) row -> assignment a
-        rows_of_A = torch.empty_like(assign_of_N).scatter_(0, assign_of_N, torch.arange(T * K, device=a_N.device))
+        rows_of_A = torch.empty_like(assign_of_N).scatter_(0, assign_of_N, a_TK.view(-1))  # its inverse
         return counts_E, kept_counts_E, kept_N1, assign_of_N, rows_of_A
 
     def apply_capacity(self, ids_N, counts_E, capacity_factor, T):

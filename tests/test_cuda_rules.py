@@ -143,9 +143,9 @@ def test_model_capacity_training_step_finite_under_cuda_rules(cuda_grouped_mm):
 
 def test_expert_bias_grads_accumulate_like_a_dense_linear_under_bf16():
     """~N/E rows per expert summed into one bias gradient. A dense Linear under bf16 autocast sums its
-    rows with fp32 accumulation and rounds to bf16 (0.23% here, against 2^-9 = 0.2% for one rounding);
-    the experts must be of that order (summed in bf16, e.g. by atomic adds, the sum loses 7-50%). The gradient reaching y_ND is
-    exactly representable in bf16, so the float64 sum of it is the exact answer."""
+    rows with fp32 accumulation and rounds to bf16 (0.23% here; one rounding is up to 2^-9 = 0.2%); the
+    experts must be of that order (summed in bf16, as by CUDA's atomic adds, the sum loses 7-50%). The
+    gradient reaching y_ND is exactly representable in bf16, so its float64 sum is the exact answer."""
     cfg = MoEGPTConfig(n_embd=16, n_head=2, n_experts=2, top_k=1, expert_hidden=16, bias=True,
                        expert_impl='grouped', block_size=8, vocab_size=8)
     ex = GroupedExperts(cfg)

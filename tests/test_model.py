@@ -165,7 +165,8 @@ def test_gather_rows_backward_equals_index_select_backward(k):
     autograd, float64, and gradcheck."""
     from model import GatherRows
     n = 5
-    idx = torch.arange(n).repeat_interleave(k)[torch.randperm(n * k, generator=torch.Generator().manual_seed(0))]
+    shuffle = torch.randperm(n * k, generator=torch.Generator().manual_seed(0))
+    idx = torch.arange(n).repeat_interleave(k)[shuffle]
     inv = torch.argsort(idx, stable=True)  # output rows holding row i's copies: inv[i*k:(i+1)*k]
     x = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
     g = torch.randn(n * k, 3, dtype=torch.float64)
