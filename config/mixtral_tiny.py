@@ -2,30 +2,11 @@
 # batch 12, 2000 iterations): RMSNorm, rotary positions, grouped-query attention (4 query heads share
 # 2 key/value heads), SwiGLU experts, no biases, untied embeddings; 8 experts, top-2, gates renormalised.
 # export.py writes it as a MixtralForCausalLM directory.
-#   python prepare.py shakespeare_char && python train.py config/mixtral_tiny.py
+# Only the architecture is set here; the sizes and the recipe come first:
+#   python prepare.py shakespeare_char && python train.py config/moe_8e_cpu.py config/mixtral_tiny.py
 #   python export.py --out_dir=out-mixtral-tiny --to=hf-mixtral-tiny
 out_dir = 'out-mixtral-tiny'
-eval_interval = 250
-eval_iters = 20
-log_interval = 50
-always_save_checkpoint = False
-dataset = 'shakespeare_char'
-batch_size = 12
-block_size = 64
-learning_rate = 1e-3
-max_iters = 2000
-lr_decay_iters = 2000
-min_lr = 1e-4
-beta2 = 0.99
-warmup_iters = 100
-device = 'cpu'
-compile = False
-
-n_layer = 4
-n_head = 4
 n_kv_head = 2
-n_embd = 128
-dropout = 0.0
 norm = 'rmsnorm'
 position = 'rope'
 activation = 'swiglu'

@@ -3,29 +3,10 @@
 # embeddings; fine-grained experts (16 half-width experts, top-4: OLMoE-1B-7B has 64, top-8) with
 # the top-k gates left as softmax probabilities (norm_topk_prob=False, as OLMoE).
 # export.py writes it as an OlmoeForCausalLM directory.
-#   python prepare.py shakespeare_char && python train.py config/olmoe_tiny.py
+# Only the architecture is set here; the sizes and the recipe come first:
+#   python prepare.py shakespeare_char && python train.py config/moe_8e_cpu.py config/olmoe_tiny.py
 #   python export.py --out_dir=out-olmoe-tiny --to=hf-olmoe-tiny
 out_dir = 'out-olmoe-tiny'
-eval_interval = 250
-eval_iters = 20
-log_interval = 50
-always_save_checkpoint = False
-dataset = 'shakespeare_char'
-batch_size = 12
-block_size = 64
-learning_rate = 1e-3
-max_iters = 2000
-lr_decay_iters = 2000
-min_lr = 1e-4
-beta2 = 0.99
-warmup_iters = 100
-device = 'cpu'
-compile = False
-
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
 norm = 'rmsnorm'
 position = 'rope'
 activation = 'swiglu'

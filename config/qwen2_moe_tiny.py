@@ -3,29 +3,10 @@
 # embeddings; 16 narrow experts, top-4, gates not renormalised, plus one always-on shared expert 4x
 # as wide (n_shared_experts=4) whose output a per-token sigmoid gate scales (shared_expert_gate).
 # export.py writes it as a Qwen2MoeForCausalLM directory.
-#   python prepare.py shakespeare_char && python train.py config/qwen2_moe_tiny.py
+# Only the architecture is set here; the sizes and the recipe come first:
+#   python prepare.py shakespeare_char && python train.py config/moe_8e_cpu.py config/qwen2_moe_tiny.py
 #   python export.py --out_dir=out-qwen2-moe-tiny --to=hf-qwen2-moe-tiny
 out_dir = 'out-qwen2-moe-tiny'
-eval_interval = 250
-eval_iters = 20
-log_interval = 50
-always_save_checkpoint = False
-dataset = 'shakespeare_char'
-batch_size = 12
-block_size = 64
-learning_rate = 1e-3
-max_iters = 2000
-lr_decay_iters = 2000
-min_lr = 1e-4
-beta2 = 0.99
-warmup_iters = 100
-device = 'cpu'
-compile = False
-
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
 norm = 'rmsnorm'
 position = 'rope'
 activation = 'swiglu'
