@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import GroupedExperts, compute_dtype
+from model import GroupedExperts
 
 EXPERT_PARAM_NAMES = ('w1_EDF', 'w2_EHD', 'b1_EF', 'b2_ED')
 
@@ -168,9 +168,7 @@ class ExpertParallelExperts(GroupedExperts):
 
     def forward(self, x_ND, counts_E, kept_N1=None):
         N_ranks, E_local = self.ep_size, self.w1_EDF.shape[0]
-        N, D = x_ND.shape
-        # the cast GroupedExperts does first anyway: under autocast the rows travel in bf16/fp16
-        x_ND = x_ND.to(compute_dtype(x_ND))
+        N, D = x_ND.shape  # the rows come in the matmul dtype (MoELayer casts before its gather)
         # 1. rows per (destination rank, local expert) -> (source rank, local expert) on the receiver
         send_RE = counts_E.view(N_ranks, E_local)
         recv_RE = _all_to_all(send_RE.reshape(-1), [E_local] * N_ranks, [E_local] * N_ranks,
