@@ -285,10 +285,18 @@ def fwd_bwd(fn, x, grad_out, params):
 # ----------------------------------------------------------------------------- checks
 
 def load_baseline(path):
-    """Another version of model.py (e.g. `git show REV:model.py > OLD.py`), imported from its path."""
-    spec = importlib.util.spec_from_file_location('baseline_model', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """Another version of model.py (e.g. `git show REV:model.py > OLD.py`), imported from its path.
+    Exits with one line (no traceback) when it is missing, does not import, or has no MoELayer."""
+    try:
+        spec = importlib.util.spec_from_file_location('baseline_model', path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:  # missing file, SyntaxError, an import it needs
+        sys.exit(f'bench.py: --baseline {path}: cannot import it: {type(e).__name__}: {e}')
+    missing = [n for n in ('MoEGPTConfig', 'MoELayer') if not hasattr(module, n)]
+    if missing:
+        sys.exit(f'bench.py: --baseline {path}: not a model.py (no {" or ".join(missing)}); '
+                 'save one with `git show REV:model.py > OLD.py`')
     return module
 
 
@@ -736,6 +744,7 @@ def main(argv=None):
     if args._mem_child:
         return memory_child(args)
     t_start = time.perf_counter()
+    baseline = load_baseline(args.baseline) if args.baseline else None  # a bad file stops before any work
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     preset = dict(PRESETS['quick' if args.quick else ('cuda' if device.type == 'cuda' else 'cpu')])
     n_embds = [int(v) for v in args.n_embd.split(',')] if args.n_embd else preset['n_embd']
@@ -748,7 +757,6 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     peak_flops, peak_how = peak_matmul_flops(device, dtype)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
-    baseline = load_baseline(args.baseline) if args.baseline else None
 
     res = dict(meta=dict(device=device.type, dtype=args.dtype, torch=torch.__version__,
                          device_name=torch.cuda.get_device_name(device) if device.type == 'cuda'

@@ -87,6 +87,19 @@ def test_baseline_model_is_checked_and_timed_beside_ours(tmp_path, changed):
         assert row['ms']['baseline'] > 0 and row['vs_baseline'] == row['ms']['baseline'] / row['ms']['ours']
 
 
+@pytest.mark.parametrize('text,says', [(None, 'cannot import it: FileNotFoundError'),
+                                       ('x = (', 'cannot import it: SyntaxError'),
+                                       ('x = 1', 'not a model.py (no MoEGPTConfig or MoELayer)')])
+def test_bad_baseline_is_one_clear_line(tmp_path, text, says):
+    path = tmp_path / 'old_model.py'
+    if text is not None:
+        path.write_text(text)
+    r = subprocess.run([sys.executable, str(REPO / 'bench.py'), '--quick', '--baseline', str(path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 1 and says in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert r.stdout == ''  # stopped before any work
+
+
 def test_ci_gpu_script_passes_bench_valid_arguments():
     """.ci/gpu (the prepared run for a lent GPU, which CI never has) must not rot: its bench.py
     command lines parse with today's bench.py, and each runs something."""
