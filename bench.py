@@ -741,6 +741,8 @@ def main(argv=None):
     args.dtype = args.dtype or hardware.auto_dtype(torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == 'cpu':
+        hardware.keep_freed_memory()  # as train.py does on CPU: time the math, not page faults
     if args._mem_child:
         return memory_child(args)
     t_start = time.perf_counter()

@@ -1,7 +1,11 @@
 """
 What the machine can do, in one place for train.py, sample.py and bench.py: the dtype 'auto' picks,
-and the peak FLOP/s that MFU is measured against.
+the peak FLOP/s that MFU is measured against, and the CPU allocator setting of a training run.
 """
+import ctypes
+import ctypes.util
+import platform
+
 import torch
 
 # Dense (no sparsity) tensor-core peaks in bf16/fp16, from the vendors' datasheets. Keys are whole words
@@ -61,3 +65,18 @@ def peak_flops(device, dtype):
     if device.type != 'cuda':
         return None
     return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+
+
+def keep_freed_memory():
+    """CPU training: keep freed tensor memory in the process instead of giving it back to the OS.
+    glibc's malloc serves big blocks (128 KiB at first, then up to the largest one freed) with their
+    own mmap, and hands the top of the heap back when more than twice that is free: every step frees
+    its activations and page-faults fresh zeroed pages for the next one. On the CPU recipe that was
+    3,400-4,600 page faults and 5-9 ms of kernel time per 50 ms dense step (docs/performance.md 2b).
+    Sets glibc's M_MMAP_THRESHOLD to its maximum (32 MiB) and M_TRIM_THRESHOLD to 1 GiB, so
+    the heap keeps what a step frees. Returns False where this is not glibc (macOS, musl): no change."""
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library('c'))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -369,6 +369,8 @@ data_gen = torch.Generator().manual_seed(seed)  # ...but batches are drawn ident
 if device_type == 'cuda':
     torch.set_float32_matmul_precision('high')  # TF32 matmuls
     torch.backends.cudnn.allow_tf32 = True
+if device_type == 'cpu':  # glibc would unmap each step's freed activations and page-fault them back
+    hardware.keep_freed_memory()
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
