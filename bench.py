@@ -71,6 +71,7 @@ PRESETS = {
                              vocab_size=256)),
 }
 CAPACITY_FACTOR = 1.25
+FLOOR = 'moe, routing free (floor)'  # section 2b: skip_routing
 # Per-variant time budget (seconds) for one size: a variant slower than budget/repeats gets fewer
 # repeats (at least one timed call), so the quadratic one-hot baseline can't eat the whole run.
 VARIANT_BUDGET_S = 40.0
@@ -162,6 +163,23 @@ def force_balanced_routing(router):
         return logits_TE, probs_TE, ids_TK, gates_TK
 
     router.forward = forward
+
+
+def skip_routing(layer):
+    """Section 2b's floor: the MoE layer with routing made free. Its experts run on a fixed, balanced
+    assignment (the K copies of the tokens, stacked, cut into E equal slices: T*K/E rows per expert)
+    and their outputs are averaged back; no router, no sort, no gather index, no aux / z losses, no
+    statistics. The step of such a model is what the MoE would cost if routing cost nothing."""
+    def forward(x_BSD, return_intermediate=False):
+        B, S, D = x_BSD.shape
+        T, E, K = B * S, layer.n_experts, layer.top_k
+        counts_E = torch.full((E,), T * K // E, device=x_BSD.device)
+        y_ND = layer.experts(x_BSD.reshape(T, D).repeat(K, 1), counts_E)       # (T*K, D), K copies
+        zero = x_BSD.new_zeros(())
+        aux = dict(aux_loss=zero, z_loss=zero, expert_counts=counts_E.float(), drop_frac=zero,
+                   router_entropy=zero)
+        return y_ND.view(K, T, D).mean(0).view(B, S, D), aux
+    layer.forward = forward
 
 
 # ----------------------------------------------------------------------------- the layers
@@ -420,8 +438,10 @@ def model_configs(mcfg, E=8, K=2):
                 block_size=mcfg['block_size'], vocab_size=mcfg['vocab_size'], dropout=0.0)
     D = mcfg['n_embd']
     if mcfg.get('narrow'):  # the dense model stays nanoGPT's (hidden 4D); experts 4D/K wide
+        moe = MoEGPTConfig(**base, n_experts=E, top_k=K, expert_hidden=4 * D // K)
         return {
-            f'moe {E}e top-{K} (H=4D/{K})': MoEGPTConfig(**base, n_experts=E, top_k=K, expert_hidden=4 * D // K),
+            f'moe {E}e top-{K} (H=4D/{K})': moe,
+            FLOOR: moe,  # the same model; bench_model makes its routing free (skip_routing)
             'dense (hidden 4D)': MoEGPTConfig(**base, n_experts=1, expert_hidden=4 * D),
         }
     return {
@@ -463,6 +483,8 @@ def bench_model(mcfg, device, dtype, repeats, balanced, compile_, peak_flops):
     xb, yb = get_batch(mcfg, device)
     built = {name: build_model(cfg, device, balanced, compile_)
              for name, cfg in model_configs(mcfg).items()}
+    for layer in (built[FLOOR][0].moe_layers() if FLOOR in built else []):
+        skip_routing(layer)
     fns = {name: (lambda m=m, o=o: train_step(m, o, xb, yb, device, dtype))
            for name, (_, m, o) in built.items()}
     t = time_interleaved(fns, device, repeats, warmup=2 if compile_ else 1)
@@ -473,8 +495,8 @@ def bench_model(mcfg, device, dtype, repeats, balanced, compile_, peak_flops):
         rows.append(dict(model=name, params_total=pc.total, params_active=pc.active,
                          ms=t[name] * 1e3, tokens_per_s=tokens / t[name],
                          mfu=model.estimate_mfu(mcfg['batch_size'], t[name], peak_flops)))
-    moe, dense = rows
-    moe['vs_dense'] = dense['ms'] / moe['ms']
+    for r in rows[:-1]:  # the dense model comes last
+        r['vs_dense'] = rows[-1]['ms'] / r['ms']
     return rows
 
 

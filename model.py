@@ -523,9 +523,8 @@ def append_bias(w_EXY, b_EY):
 class LoopGroupedMM(torch.autograd.Function):
     """y_NY = x_NX @ w_EXY[e] + b_EY[e] on each expert's contiguous slice of rows (counts: rows per
     expert, a list; rows past sum(counts), dropped in capacity mode, give 0). grouped_mm's arithmetic
-    with one matmul per expert, written into one output, and a hand-written backward: through
-    autograd the per-expert slices, matmuls and the cat / stack joining them cost ~25 graph nodes per
-    expert, more than the matmuls themselves at small sizes (the CPU recipe: docs/performance.md 2b)."""
+    with one matmul per expert written into one output, and a hand-written backward: no autograd
+    node per expert, no cat / stack of the pieces (docs/performance.md 2b: the CPU recipe)."""
 
     @staticmethod
     @torch.compiler.disable  # counts are host ints, one per expert: an eager island under compile
@@ -533,11 +532,12 @@ class LoopGroupedMM(torch.autograd.Function):
         ctx.save_for_backward(x_NX, w_EXY)
         ctx.counts, ctx.has_bias = counts, b_EY is not None
         y_NY = x_NX.new_empty(x_NX.shape[0], w_EXY.shape[2])
-        for e, (lo, hi) in enumerate(slices(counts)):
-            if b_EY is None:
-                torch.mm(x_NX[lo:hi], w_EXY[e], out=y_NY[lo:hi])
+        bs = b_EY.unbind(0) if b_EY is not None else [None] * len(counts)
+        for x_nX, w_XY, b_Y, y_nY in zip(split_rows(x_NX, counts), w_EXY.unbind(0), bs, split_rows(y_NY, counts)):
+            if b_Y is None:
+                torch.mm(x_nX, w_XY, out=y_nY)
             else:
-                torch.addmm(b_EY[e], x_NX[lo:hi], w_EXY[e], out=y_NY[lo:hi])
+                torch.addmm(b_Y, x_nX, w_XY, out=y_nY)
         y_NY[sum(counts):].zero_()
         return y_NY
 
@@ -550,23 +550,27 @@ class LoopGroupedMM(torch.autograd.Function):
         gx_NX = torch.empty_like(x_NX) if need_x else None
         gw_EXY = torch.empty_like(w_EXY) if need_w else None
         gb_EY = grad_NY.new_empty(w_EXY.shape[0], w_EXY.shape[2]) if need_b and ctx.has_bias else None
-        for e, (lo, hi) in enumerate(slices(ctx.counts)):
-            g = grad_NY[lo:hi]  # an expert without rows: mm over 0 rows writes zeros
-            if need_x:
-                torch.mm(g, w_EXY[e].t(), out=gx_NX[lo:hi])
-            if need_w:
-                torch.mm(x_NX[lo:hi].t(), g, out=gw_EXY[e])
-            if gb_EY is not None:
-                torch.sum(g, 0, out=gb_EY[e])
+        counts, none = ctx.counts, [None] * len(ctx.counts)
+        gxs = split_rows(gx_NX, counts) if need_x else none
+        gws = gw_EXY.unbind(0) if need_w else none
+        gbs = gb_EY.unbind(0) if gb_EY is not None else none
+        for g_nY, x_nX, w_XY, gx_nX, gw_XY, gb_Y in zip(split_rows(grad_NY, counts), split_rows(x_NX, counts),
+                                                       w_EXY.unbind(0), gxs, gws, gbs):
+            # an expert without rows: its matmuls and sum over 0 rows write zeros
+            if gx_nX is not None:
+                torch.mm(g_nY, w_XY.t(), out=gx_nX)
+            if gw_XY is not None:
+                torch.mm(x_nX.t(), g_nY, out=gw_XY)
+            if gb_Y is not None:
+                torch.sum(g_nY, 0, out=gb_Y)
         if need_x:
-            gx_NX[sum(ctx.counts):].zero_()  # dropped rows (capacity mode)
+            gx_NX[sum(counts):].zero_()  # dropped rows (capacity mode)
         return gx_NX, gw_EXY, gb_EY, None
 
 
-def slices(counts):
-    """[(lo, hi)] of consecutive slices with the given lengths."""
-    ends = list(itertools.accumulate(counts))
-    return list(zip([0] + ends[:-1], ends))
+def split_rows(x_NX, counts):
+    """x's first sum(counts) rows as consecutive views of counts[e] rows each (one split call)."""
+    return x_NX.split(list(counts) + [x_NX.shape[0] - sum(counts)])[:-1]
 
 
 class GroupedExperts(nn.Module):

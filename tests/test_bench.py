@@ -113,3 +113,37 @@ def test_ci_gpu_script_passes_bench_valid_arguments():
         args = bench.parse_args(argv)
         assert args.device == 'cuda' and args.compile
         assert set(args.skip.split(',')) != {'layer', 'model', 'memory', 'sampling', 'compile'}
+
+
+def test_skip_routing_is_the_fixed_balanced_assignment():
+    """Section 2b's floor: the layer runs its experts on the fixed assignment skip_routing describes
+    (row n = k*T + t of the K stacked copies goes to expert n // (T*K/E)) and averages the K outputs;
+    against a per-token float64 reference, with no router call and zero losses."""
+    torch.manual_seed(0)
+    E, K, D, H, B, S = 4, 2, 8, 12, 2, 6
+    layer = bench.MoELayer(bench.MoEGPTConfig(n_layer=1, n_head=2, n_embd=D, block_size=S, vocab_size=11,
+                                              n_experts=E, top_k=K, expert_hidden=H, dropout=0.0)).double()
+    bench.skip_routing(layer)
+    layer.router.forward = None  # routing is free: the router is never called
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    out, aux = layer(x)
+    ex, T = layer.experts, B * S
+
+    def expert(e, v):
+        return bench.activation_fn(ex.activation, v @ ex.w1_EDF[e] + ex.b1_EF[e]) @ ex.w2_EHD[e] + ex.b2_ED[e]
+    x_TD = x.reshape(T, D)
+    ref = torch.stack([sum(expert((k * T + t) // (T * K // E), x_TD[t]) for k in range(K)) / K for t in range(T)])
+    assert torch.allclose(out.reshape(T, D), ref, rtol=0, atol=1e-12)
+    assert aux['aux_loss'] == 0 and aux['z_loss'] == 0
+    assert aux['expert_counts'].tolist() == [T * K / E] * E
+
+
+def test_recipe_step_reports_moe_floor_and_dense():
+    """bench_model at a narrow (CPU recipe) config: MoE, the routing-free floor and dense, each with its
+    speed against dense."""
+    mcfg = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, vocab_size=17, narrow=True)
+    assert list(bench.model_configs(mcfg))[1] == bench.FLOOR
+    rows = bench.bench_model(mcfg, torch.device('cpu'), torch.float32, 2, False, False, 1e12)
+    assert [r['model'] for r in rows] == list(bench.model_configs(mcfg))
+    assert all(r['vs_dense'] > 0 for r in rows[:2]) and 'vs_dense' not in rows[2]
+    assert rows[0]['params_active'] == rows[1]['params_active']
