@@ -178,34 +178,6 @@ def test_gather_rows_backward_equals_index_select_backward(k):
     assert torch.autograd.gradcheck(lambda v: GatherRows.apply(v, idx, inv, k), (x,))
 
 
-@pytest.mark.parametrize('bias', [False, True])
-def test_loop_grouped_mm_equals_per_row_reference(bias):
-    """LoopGroupedMM (one matmul per expert, hand-written backward) against the obvious per-row
-    product x[n] @ w[expert of n] + b[expert of n], float64, forward and every gradient, with an
-    expert that gets no rows and dropped rows past sum(counts) (capacity mode: output 0, no
-    gradient); and gradcheck."""
-    from model import LoopGroupedMM
-    torch.manual_seed(0)
-    counts, dropped = [3, 0, 5, 1], 2
-    N, E, X, Y = sum(counts) + dropped, len(counts), 4, 3
-    x = torch.randn(N, X, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(E, X, Y, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(E, Y, dtype=torch.float64, requires_grad=True) if bias else None
-    expert_of_row = [e for e, n in enumerate(counts) for _ in range(n)]
-    rows = [x[n] @ w[e] + (b[e] if bias else 0) for n, e in enumerate(expert_of_row)]
-    ref = torch.stack(rows + [x.new_zeros(Y)] * dropped)
-    out = LoopGroupedMM.apply(x, w, b, counts)
-    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
-    g = torch.randn(N, Y, dtype=torch.float64)
-    inputs = (x, w) + ((b,) if bias else ())
-    ours = torch.autograd.grad(out, inputs, g)
-    theirs = torch.autograd.grad(ref, inputs, g)
-    for a, r in zip(ours, theirs):
-        assert torch.allclose(a, r, rtol=0, atol=1e-12)
-    assert ours[0][-dropped:].abs().sum() == 0 and ours[1][1].abs().sum() == 0
-    assert torch.autograd.gradcheck(lambda *v: LoopGroupedMM.apply(*v, *([] if bias else [None]), counts), inputs)
-
-
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch.nn.functional.grouped_mm needs torch >= 2.8')
 @pytest.mark.parametrize('capacity_factor', [0.0, 0.8])
 @pytest.mark.parametrize('activation', ['gelu', 'swiglu'])
