@@ -23,7 +23,8 @@ Sections
  2. Whole-model training step (fwd+bwd+AdamW): tokens/s and MFU on active params, MoE vs the dense
     model of equal active FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd).
     2b (CPU): the same at nanoGPT's CPU recipe (config/moe_8e_cpu.py sizes), experts 4D/top_k wide
-    against nanoGPT's dense model: the routing overhead of a small model, where it weighs most.
+    against nanoGPT's dense model: the routing overhead of a small model, where it weighs most; and
+    the floor under it, the same MoE with its routing made free (skip_routing).
  3. Peak memory of a training step for the same pairs.
  4. Sampling tokens/s with and without the KV cache (once MoEGPT.generate has use_cache).
  5. torch.compile: graph breaks of the MoE layer (torch._dynamo.explain), dropless and capacity.

@@ -488,8 +488,14 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (learning_rate - min_lr)
 
 
-if master_process:  # on resume, log.jsonl keeps only the history up to the checkpoint (feeds the heatmap)
-    _history = trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num, n_moe) if init_from == 'resume' else []
+if master_process:
+    _log = os.path.join(out_dir, 'log.jsonl')
+    _history = []
+    if init_from == 'resume':  # log.jsonl keeps only the history up to the checkpoint (feeds the heatmap)
+        _history = trim_log(_log, iter_num, n_moe)
+    elif os.path.isfile(_log):  # a fresh run starts its own log: appended, two runs' curves would mix
+        os.replace(_log, _log + '.prev')
+        print(f"moved the previous run's {_log} to {_log}.prev")
     if wandb_log:
         import wandb  # only imported when asked for
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
