@@ -501,9 +501,10 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 20)
 
 def test_keep_freed_memory_stops_page_faults_of_cpu_steps():
     """hardware.keep_freed_memory (train.py and bench.py on CPU): after warm-up, a training step of
-    nanoGPT's CPU recipe model page-faults no fresh memory in. Without it glibc unmaps or trims what
-    each step frees (thousands of faults per step on this repo's VM; how many depends on the machine,
-    so only the setting's own result is asserted). Off glibc the call returns False and changes nothing."""
+    nanoGPT's CPU recipe model takes fewer than 100 page faults. Without it glibc unmaps or trims what
+    each step frees (1,400 to 2,000 faults per step on this repo's VM; how many depends on the machine,
+    so only the setting's own result is asserted, and the default is run only to explain a failure).
+    Off glibc the call returns False and changes nothing."""
     def run(apply):
         r = subprocess.run([sys.executable, '-c', KEEP_FREED_PROBE, str(REPO), apply], capture_output=True,
                            text=True, timeout=300)
@@ -511,8 +512,8 @@ def test_keep_freed_memory_stops_page_faults_of_cpu_steps():
         applied, faults = r.stdout.split()
         return applied == 'True', float(faults)
     applied, faults = run('1')
-    _, default_faults = run('0')
     if not applied:
         assert not hardware.keep_freed_memory()
         return
-    assert faults < 100, f'{faults} page faults per step with keep_freed_memory ({default_faults} without)'
+    if faults >= 100:
+        pytest.fail(f'{faults} page faults per step with keep_freed_memory ({run("0")[1]} without)')
