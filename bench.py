@@ -154,14 +154,13 @@ def force_balanced_routing(router):
     original = router.forward
 
     def forward(x_TD):
-        logits_TE, probs_TE, topk_ids_TK, _ = original(x_TD)
-        T, K = topk_ids_TK.shape
-        E = probs_TE.shape[-1]
+        r = original(x_TD)
+        T, K, E = x_TD.shape[0], r.k, r.probs_TE.shape[-1]
         ar = torch.arange(T, device=x_TD.device)
         ids_TK = (ar[:, None] * K + torch.arange(K, device=x_TD.device)) % E
-        p_TK = probs_TE.gather(1, ids_TK)
+        p_TK = r.probs_TE.gather(1, ids_TK)
         gates_TK = p_TK / p_TK.sum(-1, keepdim=True) if router.norm_topk_prob else p_TK
-        return logits_TE, probs_TE, ids_TK, gates_TK
+        return r._replace(expert_N=ids_TK.reshape(-1), gate_N=gates_TK.reshape(-1))
 
     router.forward = forward
 
@@ -177,8 +176,7 @@ def skip_routing(layer):
         counts_E = torch.full((E,), T * K // E, device=x_BSD.device)
         y_ND = layer.experts(x_BSD.reshape(T, D).repeat(K, 1), counts_E)       # (T*K, D), K copies
         zero = x_BSD.new_zeros(())
-        aux = dict(aux_loss=zero, z_loss=zero, expert_counts=counts_E.float(), drop_frac=zero,
-                   router_entropy=zero)
+        aux = dict(losses={}, expert_counts=counts_E.float(), drop_frac=zero, router_entropy=zero)
         return y_ND.view(K, T, D).mean(0).view(B, S, D), aux
     layer.forward = forward
 
@@ -191,7 +189,8 @@ def make_layer(D, E, K, H, device, dtype, capacity_factor=0.0, balanced=False, s
     module: another model.py (--baseline), whose MoELayer gets the same weights."""
     mod = module or sys.modules[MoELayer.__module__]
     cfg = mod.MoEGPTConfig(n_embd=D, n_head=1, n_experts=E, top_k=K, expert_hidden=H, dropout=0.0,
-                           capacity_factor=capacity_factor, expert_impl='auto')
+                           capacity_factor=capacity_factor, expert_impl='auto',
+                           capacity_priority='choice')  # GShard's, as the one-hot baseline drops
     g = torch.Generator().manual_seed(seed)
     layer = mod.MoELayer(cfg)
     with torch.no_grad():
@@ -221,7 +220,8 @@ def tutorial_loop_moe(layer, x_BSD):
     B, S, D = x_BSD.shape
     ex = layer.experts
     x_TD = x_BSD.reshape(-1, D)
-    _, probs_TE, topk_ids_TK, gates_TK = layer.router(x_TD)
+    r = layer.router(x_TD)
+    probs_TE, (topk_ids_TK, gates_TK) = r.probs_TE, r.topk()
     sparse_gates_TE = torch.zeros_like(probs_TE).scatter(1, topk_ids_TK, gates_TK)
     out_TD = torch.zeros_like(x_TD)
     for e in range(ex.w1_EDF.shape[0]):
@@ -254,7 +254,8 @@ def onehot_dispatch_moe(layer, x_BSD, capacity_factor=CAPACITY_FACTOR):
     ex = layer.experts
     x_TD = x_BSD.reshape(-1, D)
     T = x_TD.shape[0]
-    _, probs_TE, topk_ids_TK, gates_TK = layer.router(x_TD)
+    r = layer.router(x_TD)
+    probs_TE, (topk_ids_TK, gates_TK) = r.probs_TE, r.topk()
     E, K = probs_TE.shape[-1], topk_ids_TK.shape[-1]
     C = onehot_capacity(T, E, K, capacity_factor)
     mask_TKE = F.one_hot(topk_ids_TK, E)
@@ -340,12 +341,12 @@ def check_layer_variants(D, E, K, H, T, device, dtype, balanced, baseline=None):
         # one-hot with a capacity that drops nothing equals dropless ours ...
         compare('onehot(cf=E/K, no drop) vs ours', onehot_dispatch_moe(layer, x, E / K), ref)
         # ... and with cf=1.25 it drops exactly what ours does in capacity mode (same priority)
-        layer.capacity_factor = layer.eval_capacity_factor = CAPACITY_FACTOR
+        layer.router.capacity_factor = layer.router.eval_capacity_factor = CAPACITY_FACTOR
         layer.train()
         for impl in ('grouped', 'loop'):
             compare(f'onehot(cf=1.25) vs ours-{impl}(cf=1.25)',
                     onehot_dispatch_moe(layer, x, CAPACITY_FACTOR), ours(layer, impl)(x))
-        layer.capacity_factor = layer.eval_capacity_factor = 0.0
+        layer.router.capacity_factor = layer.router.eval_capacity_factor = 0.0
         dense = DenseMLP(layer).to(device)
         ex = layer.experts
         ref_dense = sum(activation_fn(ex.activation, x @ ex.w1_EDF[e] + ex.b1_EF[e]) @ ex.w2_EHD[e]

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from model import MoEGPT, MoEGPTConfig
+from model import TUNABLE, MoEGPT, MoEGPTConfig
 
 DENSE_FAMILIES = ('gpt2', 'llama', 'qwen2', 'qwen3')
 MOE_FAMILIES = ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')
@@ -34,10 +34,8 @@ GPT2_ACTS = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 
              'silu': 'silu', 'swish': 'silu', 'tanh': 'tanh'}
 GPT2_ACT_OUT = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'silu': 'silu', 'tanh': 'tanh'}
 NATIVE_TYPE = 'moe_gpt'  # config.json model_type of export_native's directories
-# fields a native directory's config does not fix (training settings, block_size, dropout)
-_NATIVE_FREE = {'block_size', 'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef',
-                'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std', 'bias_update_rate', 'balance_scope',
-                'aux_loss_layers', 'capacity_scope', 'capacity_priority'}
+# fields a native directory's config does not fix: the training settings (model.TUNABLE), block_size
+_NATIVE_FREE = TUNABLE | {'block_size'}
 
 
 class UnsupportedCheckpoint(ValueError):

@@ -3,7 +3,7 @@ MoE training metrics, kept apart from train.py's loop (as torchtitan keeps its m
 train loop): per-micro-step sums kept on the device, reduced over processes only when logged; per-layer
 expert load; the console summary and table; the expert-usage heatmap; wandb keys; log.jsonl on resume.
 
-    metrics = MoEMetrics(moe_layer_ids, n_experts, device, ddp=..., dead_expert_threshold=0.1, ...)
+    metrics = MoEMetrics(moe_layer_ids, n_experts, device, ddp=..., dead_expert_threshold=0.1)
     acc = metrics.new_acc()
     metrics.add(acc, stats)       # every micro-step: the model's stats dict
     s = metrics.reduce(acc)       # at log time: a collective under DDP (every rank calls it)
@@ -21,43 +21,40 @@ import torch
 
 
 class MoEMetrics:
-    def __init__(self, moe_layer_ids, n_experts, device, ddp=False, dead_expert_threshold=0.1,
-                 aux_loss_coef=0.0, z_loss_coef=0.0):
+    def __init__(self, moe_layer_ids, n_experts, device, ddp=False, dead_expert_threshold=0.1):
         self.layer_ids, self.E, self.device, self.ddp = list(moe_layer_ids), n_experts, device, ddp
         self.n_moe = len(self.layer_ids)
         self.dead_expert_threshold = dead_expert_threshold
-        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.acc_dtype = torch.float32 if torch.device(device).type == 'mps' else torch.float64  # exact counts
 
     def new_acc(self):
         """Sums of per-micro-step stats, kept on device (no sync until they are logged)."""
-        z = lambda *s: torch.zeros(*s, dtype=self.acc_dtype, device=self.device)
-        return {'n': 0, 'ce': z(()), 'aux': z(()), 'z': z(()), 'counts': z(self.n_moe, self.E),
-                'drop': z(self.n_moe), 'entropy': z(self.n_moe)}
+        return {'n': 0}
 
     def add(self, acc, stats):
+        """stats: the model's. Whatever loss terms arrive are summed under their own names."""
         acc['n'] += 1
-        acc['ce'] += stats['ce']
-        acc['aux'] += stats['aux_loss']
-        acc['z'] += stats['z_loss']
-        acc['counts'] += stats['expert_counts']
-        acc['drop'] += stats['drop_frac']
-        acc['entropy'] += stats['router_entropy']
+        for name, v in {'ce': stats['ce'], 'loss': stats['loss'], **stats['losses'], 'counts': stats['expert_counts'],
+                        'drop': stats['drop_frac'], 'entropy': stats['router_entropy']}.items():
+            v = v.to(self.acc_dtype)
+            acc[name] = acc[name] + v if name in acc else v.clone()
 
     def reduce(self, acc):
-        """Means over micro-steps and processes (counts: sums), as plain Python numbers."""
-        n_moe = self.n_moe
-        flat = torch.cat([torch.tensor([acc['n']], dtype=self.acc_dtype, device=self.device), acc['ce'].view(1),
-                          acc['aux'].view(1), acc['z'].view(1), acc['drop'], acc['entropy'], acc['counts'].flatten()])
+        """Means over micro-steps and processes (counts: sums), as plain Python numbers: ce, loss, each
+        loss term under its name in 'losses', and the per-layer 'layers'. One all_reduce under DDP (a
+        collective: every rank calls it), over the sums packed by their own shapes."""
+        names = [k for k in acc if k != 'n']
+        flat = torch.cat([torch.tensor([float(acc['n'])], dtype=self.acc_dtype, device=self.device)]
+                         + [acc[k].reshape(-1) for k in names])
         if self.ddp:
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat = flat.cpu().double()  # (MPS has no float64)
-        n = max(flat[0].item(), 1.0)
-        out = {'ce': flat[1].item() / n, 'aux': flat[2].item() / n, 'z': flat[3].item() / n}
-        out['loss'] = out['ce'] + self.aux_loss_coef * out['aux'] + self.z_loss_coef * out['z']
-        drop, entropy = flat[4:4 + n_moe] / n, flat[4 + n_moe:4 + 2 * n_moe] / n
-        out['layers'] = self.layer_stats(flat[4 + 2 * n_moe:].view(n_moe, self.E), drop, entropy)
-        return out
+        n, *parts = flat.cpu().double().split([1] + [acc[k].numel() for k in names])  # (MPS has no float64)
+        n = max(n.item(), 1.0)
+        sums = {k: v.view(acc[k].shape) for k, v in zip(names, parts)}
+        layers = self.layer_stats(sums.pop('counts').view(self.n_moe, self.E), sums.pop('drop') / n,
+                                  sums.pop('entropy') / n)
+        ce, loss = sums.pop('ce').item() / n, sums.pop('loss').item() / n
+        return {'ce': ce, 'loss': loss, 'losses': {k: v.item() / n for k, v in sums.items()}, 'layers': layers}
 
     def layer_stats(self, counts, drop, entropy):
         """Per MoE layer: fraction of routed assignments per expert and the load summary."""
@@ -159,6 +156,12 @@ class MoEMetrics:
         return d
 
 
+def log_keys(s, prefix=''):
+    """A reduced stats dict as flat log keys: ce, loss and each loss term by its name (none for a dense
+    model, which has no terms)."""
+    return {f'{prefix}ce': s['ce'], f'{prefix}loss': s['loss'], **{f'{prefix}{k}': v for k, v in s['losses'].items()}}
+
+
 class RunLog:
     """Rank 0's record of a run: one console line per log interval / eval (plus the per-layer table),
     out_dir/log.jsonl (one JSON record per line, the same numbers), wandb when given its module, and
@@ -167,50 +170,44 @@ class RunLog:
     def __init__(self, metrics, out_dir, wandb=None, history=None):
         self.m, self.out_dir, self.wandb, self.history = metrics, out_dir, wandb, list(history or [])
 
-    def write(self, record):
+    def emit(self, line, record, wandb_dict):
+        """Every sink, once: the console, log.jsonl, wandb."""
+        print(line)
         with open(os.path.join(self.out_dir, 'log.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')
+        if self.wandb:
+            self.wandb.log(wandb_dict, step=record['iter'])
 
     def eval(self, iter_num, lr, tr, va, best_val_ce):
         """tr, va: MoEMetrics.reduce of the train and val eval batches."""
         m, png = self.m, os.path.join(self.out_dir, 'expert_usage.png')
-        print(f"step {iter_num}: train CE {tr['ce']:.4f}, val CE {va['ce']:.4f} "
-              f"(val aux {va['aux']:.4f}, z {va['z']:.4f}){m.summary(va['layers'])}")
-        self.write({'type': 'eval', 'iter': iter_num, 'lr': lr, 'train_ce': tr['ce'], 'val_ce': va['ce'],
-                    'train_aux': tr['aux'], 'val_aux': va['aux'], 'train_z': tr['z'], 'val_z': va['z'],
-                    'train_loss': tr['loss'], 'val_loss': va['loss'], 'best_val_ce': best_val_ce,
-                    'layers': va['layers']})
+        terms = ', '.join(f'{k} {v:.4f}' for k, v in va['losses'].items())
+        line = (f"step {iter_num}: train CE {tr['ce']:.4f}, val CE {va['ce']:.4f}"
+                f"{f' (val {terms})' if terms else ''}{m.summary(va['layers'])}")
+        wandb_dict = {**{f'val/{k}': v for k, v in log_keys(va).items()}, 'val/best_ce': best_val_ce,
+                      **{f'eval_train/{k}': v for k, v in log_keys(tr).items()}, **m.wandb_keys('val_moe', va['layers'])}
         if m.n_moe:
-            print(m.table(va['layers'], f'expert load on val at iter {iter_num}'))
             self.history.append((iter_num, np.array([l['frac'] for l in va['layers']])))
             m.plot(self.history, png)
-        if self.wandb:
-            d = {**{f'val/{k}': va[k] for k in ('ce', 'aux', 'z', 'loss')},
-                 **{f'eval_train/{k}': tr[k] for k in ('ce', 'aux', 'z', 'loss')}, 'val/best_ce': best_val_ce,
-                 **m.wandb_keys('val_moe', va['layers'])}
-            if m.n_moe:
-                d['val_moe/expert_usage'] = self.wandb.Image(png)
-            self.wandb.log(d, step=iter_num)
+            line += '\n' + m.table(va['layers'], f'expert load on val at iter {iter_num}')
+            if self.wandb:
+                wandb_dict['val_moe/expert_usage'] = self.wandb.Image(png)
+        self.emit(line, {'type': 'eval', 'iter': iter_num, 'lr': lr, **log_keys(tr, 'train_'), **log_keys(va, 'val_'),
+                         'best_val_ce': best_val_ce, 'layers': va['layers']}, wandb_dict)
 
     def train(self, iter_num, iters, lr, s, grad_norm, dt, tokens_per_iter, mfu, bad_steps):
         """s: MoEMetrics.reduce over the log interval (iters iterations); dt: seconds per iteration
         without evals; mfu: None where no peak FLOP/s is known (then it is not printed)."""
-        print(f"iter {iter_num}: ce {s['ce']:.4f} aux {s['aux']:.4f} z {s['z']:.4f} | "
-              f"{dt * 1000:.1f}ms/iter {tokens_per_iter / dt:,.0f} tok/s"
-              f"{f' mfu {100 * mfu:.2f}%' if mfu is not None else ''}{self.m.summary(s['layers'])}")
-        self.write({'type': 'train', 'iter': iter_num, 'iters': iters, 'lr': lr, 'ce': s['ce'], 'aux': s['aux'],
-                    'z': s['z'], 'loss': s['loss'], 'grad_norm': grad_norm, 'ms_per_iter': dt * 1000,
-                    'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu, 'bad_steps': bad_steps,
-                    'layers': s['layers']})
-        if self.wandb:
-            d = {'train/ce': s['ce'], 'train/aux': s['aux'], 'train/z': s['z'], 'train/loss': s['loss'],
-                 'lr': lr, 'perf/ms_per_iter': dt * 1000, 'perf/tokens_per_s': tokens_per_iter / dt,
-                 **self.m.wandb_keys('moe', s['layers'], summary=True)}
-            if mfu is not None:
-                d['perf/mfu'] = mfu
-            if grad_norm is not None:
-                d['train/grad_norm'] = grad_norm
-            self.wandb.log(d, step=iter_num)
+        terms = ''.join(f' {k} {v:.4f}' for k, v in s['losses'].items())
+        line = (f"iter {iter_num}: ce {s['ce']:.4f}{terms} | {dt * 1000:.1f}ms/iter {tokens_per_iter / dt:,.0f} tok/s"
+                f"{f' mfu {100 * mfu:.2f}%' if mfu is not None else ''}{self.m.summary(s['layers'])}")
+        perf = {'ms_per_iter': dt * 1000, 'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu}
+        wandb_dict = {**{f'train/{k}': v for k, v in log_keys(s).items()}, 'lr': lr,
+                      **{f'perf/{k}': v for k, v in perf.items() if v is not None},
+                      **({'train/grad_norm': grad_norm} if grad_norm is not None else {}),
+                      **self.m.wandb_keys('moe', s['layers'], summary=True)}
+        self.emit(line, {'type': 'train', 'iter': iter_num, 'iters': iters, 'lr': lr, **log_keys(s),
+                         'grad_norm': grad_norm, **perf, 'bad_steps': bad_steps, 'layers': s['layers']}, wandb_dict)
 
 
 def trim_log(path, iter_num, n_moe):

@@ -2,46 +2,33 @@
 MoEGPT: nanoGPT's GPT-2 decoder whose feed-forward blocks can be Mixture-of-Experts layers.
 The defaults are GPT-2's block, parameter for parameter; block options (RMSNorm, rope, grouped-query
 attention, QK-norm, untied embeddings, per-projection biases) build the Llama-style MoE families
-(Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE). hf.py maps their HF checkpoints in and out.
+(Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE); hf.py maps their HF checkpoints in and out.
 
 Reading order: config -> attention -> router -> experts -> MoE layer -> block -> model.
+To try an idea (docs/hacking.md): a router is one function registered in ROUTERS, a loss term one
+function registered in LOSSES plus its `<name>_loss_coef` config field.
 
 Shape suffixes name every dispatch tensor (torchtitan's convention):
-  B batch, S sequence, T tokens (= B*S), D n_embd, E n_experts, K top_k,
-  F expert hidden width (2*expert_hidden for swiglu), N = T*K token->expert assignments,
-  G expert groups and M experts per group (group-limited routing).
+  B batch, S sequence, T tokens (= B*S), D n_embd, E n_experts, K top_k, N assignment rows,
+  F expert hidden width (2*expert_hidden for swiglu), G expert groups, M experts per group.
 
-Dispatch is dropless by default: the N assignments are sorted by expert, every expert runs on its
-contiguous slice (one grouped matmul for all experts, or a loop over the slices), and the results are
-gathered back to their tokens and summed, weighted by the gates. No Python loop over tokens, no
-tokens x experts x capacity one-hot tensors. Aux losses and routing statistics are *returned*, never
-stored on the module.
+The contract: a router returns flat assignment rows (token, expert, gate), any number per token.
+The MoE layer sorts them by expert, applies capacity (if any), runs every expert on its contiguous
+slice and sums the gate-weighted outputs back into the tokens. Dropless by default; no Python loop
+over tokens, no tokens x experts x capacity one-hot tensors. Losses are returned, never stored.
 """
-import inspect
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu', 'swish', 'tanh', 'swiglu')
-EXPERT_IMPLS = ('auto', 'grouped', 'loop')
-ROUTERS = ('softmax', 'noisy_topk', 'sigmoid', 'expert_choice', 'soft')
-BALANCE_SCOPES = ('micro_batch', 'sequence', 'global')
-CAPACITY_PRIORITIES = ('choice', 'position')
-CAPACITY_SCOPES = ('micro_batch', 'sequence')
-AUX_LOSS_LAYERS = ('mean', 'pooled')
-NORMS = ('layernorm', 'rmsnorm')
-POSITIONS = ('learned', 'rope')
-QK_NORMS = ('none', 'head', 'proj')
-HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
-# expert_impl='auto' (use_grouped_mm): grouped_mm on GPUs in bf16 (one kernel for all experts). On CPU the
-# slice loop, measured faster at every expert count on a 2-core machine (fp32, fwd+bwd, n_embd 384,
-# 8192 tokens, equal active FLOPs, 1 thread): loop/grouped time 0.93 at 8e top-2, 0.86 at 16e top-4,
-# 0.95 at 32e top-8, 0.98 at 64e top-8 (grouped_mm's CPU path is a loop of its own).
+from kernels import HAS_GROUPED_MM, GatherRows, fused_adamw_supported, grouped_mlp, use_grouped_mm  # noqa: F401
+
+# ----------------------------------------------------------------------------- config
 
 
 @dataclass
@@ -56,15 +43,14 @@ class MoEGPTConfig:
     bias: bool = True  # bias in Linears (experts included) and LayerNorms, like GPT-2
     # --- block options: the defaults are GPT-2's block. Llama-style families (Mixtral, OLMoE, Qwen-MoE)
     # use rmsnorm + rope + swiglu, bias=False, untied embeddings, and some of GQA, QK-norm, q/k/v bias
-    norm: str = 'layernorm'  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias, computed in fp32)
+    norm: Literal['layernorm', 'rmsnorm'] = 'layernorm'  # rmsnorm: Llama's (no mean, no bias, in fp32)
     norm_eps: float = 1e-5  # epsilon of every norm (GPT-2 and nn.LayerNorm: 1e-5)
-    position: str = 'learned'  # learned (GPT-2's wpe table) | rope (rotary, on q and k; no table)
+    position: Literal['learned', 'rope'] = 'learned'  # learned: GPT-2's wpe table; rope: rotary q and k
     rope_theta: float = 10000.0  # rope: the base of the rotation frequencies
-    n_kv_head: Optional[int] = None  # grouped-query attention: key/value heads, each shared by
-    # n_head // n_kv_head query heads; None = n_head (multi-head attention)
+    n_kv_head: Optional[int] = None  # grouped-query attention: key/value heads; None = n_head
     head_dim: Optional[int] = None  # width of one head; None = n_embd // n_head (Qwen3-MoE sets its own)
-    qk_norm: str = 'none'  # none | head (Qwen3: RMSNorm over each head's q and k) | proj (OLMoE: over the
-    # whole q and k projections, before the split into heads)
+    qk_norm: Literal['none', 'head', 'proj'] = 'none'  # head: RMSNorm per head (Qwen3); proj: over the
+    # whole q and k projections, before the split into heads (OLMoE)
     qkv_bias: Optional[bool] = None  # bias of the q/k/v projection; None = bias (Qwen2: True, bias=False)
     attn_out_bias: Optional[bool] = None  # bias of attention's output projection; None = bias
     tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2); False = its own matrix
@@ -74,153 +60,124 @@ class MoEGPTConfig:
     moe_every: int = 1  # every N-th block (after moe_first_dense) is an MoE block
     moe_first_dense: int = 0  # the first K blocks stay dense
     dense_hidden: Optional[int] = None  # MLP width of the dense blocks of an MoE model; None = 4*n_embd
-    # (a dense model, n_experts=1, has expert_hidden wide MLPs, as before)
+    # (a dense model, n_experts=1, has expert_hidden wide MLPs)
     expert_hidden: Optional[int] = None  # hidden width of one expert; None = 4*n_embd // granularity
     granularity: int = 1  # DeepSeekMoE's fine-grained split m: experts 1/m as wide (use m x n_experts, top_k)
-    activation: str = 'gelu'  # gelu | gelu_tanh (GPT-2's) | relu | silu | swish | tanh | swiglu
+    activation: Literal['gelu', 'gelu_tanh', 'relu', 'silu', 'swish', 'tanh', 'swiglu'] = 'gelu'
     moe_dropout: Optional[float] = None  # dropout on the MoE output; None = use dropout
     capacity_factor: float = 0.0  # 0 = dropless; >0 = Switch capacity, overflow dropped
     eval_capacity_factor: Optional[float] = None  # in eval mode; None = same as capacity_factor
-    capacity_priority: str = 'choice'  # which assignments capacity keeps: choice (GShard: all first
-    # choices of the batch first; not causal) | position (earlier positions first: causal)
-    capacity_scope: str = 'micro_batch'  # capacity counted over the micro_batch (GShard) | per sequence
-    # (HF's Switch Transformers: every sequence gets its own ceil(cf*S*K/E) slots per expert)
-    norm_topk_prob: bool = True  # renormalise the k gates to sum to 1 (Mixtral); False = Switch
+    capacity_priority: Literal['position', 'choice'] = 'position'  # which assignments capacity keeps:
+    # position (earlier positions first: causal) | choice (GShard: every first choice of the batch
+    # first; a token's own future can drop it, so not causal: warned)
+    capacity_scope: Literal['micro_batch', 'sequence'] = 'micro_batch'  # slots per expert counted over
+    # the micro-batch (GShard) | per sequence (HF's Switch Transformers)
+    norm_topk_prob: Optional[bool] = None  # renormalise the k gates to sum to 1 (Mixtral); None = when
+    # top_k > 1 (one renormalised gate is 1.0: the router would get no gradient from the LM loss)
     router_fp32: bool = True  # router matmul + softmax in fp32 even under autocast
     router_init_std: float = 0.01  # small router init: near-uniform routing at step 0 (seed 002)
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
-    z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
-    expert_impl: str = 'auto'  # grouped (grouped_mm) | loop (per-expert slices) | auto
+    aux_loss_coef: float = 0.01  # weight of LOSSES['aux'], the Switch load-balancing loss
+    z_loss_coef: float = 0.001  # weight of LOSSES['z'], the ST-MoE router z-loss
+    expert_impl: Literal['auto', 'grouped', 'loop'] = 'auto'  # grouped_mm | per-expert slices | auto
     # --- routing and expert designs (docs/routing_zoo.md)
-    router: str = 'softmax'  # softmax | noisy_topk | sigmoid | expert_choice | soft
+    router: str = 'softmax'  # a name in ROUTERS: softmax | noisy_topk | sigmoid | expert_choice | soft
     n_shared_experts: int = 0  # always-on experts (each expert_hidden wide) added to the routed output
-    bias_update_rate: float = 0.001  # sigmoid router: expert_bias step per optimizer step (aux-free balancing)
-    balance_scope: str = 'micro_batch'  # aux loss over the micro_batch | each sequence | global (all ranks)
-    aux_loss_layers: str = 'mean'  # mean of the per-layer aux losses | pooled (HF: the layers' expert
-    # counts and probabilities pooled before the f*P product). HF's router_aux_loss_coef c is our
-    # aux_loss_coef top_k*c (HF's f sums to top_k, ours to 1; tests/test_hf.py proves it)
+    bias_update_rate: float = 0.001  # aux-free balancing: expert_bias step per optimizer step
+    balance_scope: Literal['micro_batch', 'sequence', 'global'] = 'micro_batch'  # the aux loss's f over
+    # the micro-batch | each sequence | the global batch (counts summed over all ranks)
+    aux_loss_layers: Literal['mean', 'pooled'] = 'mean'  # mean of the per-layer aux losses | pooled (HF:
+    # the layers' counts and probabilities pooled before the f*P product). HF's router_aux_loss_coef c
+    # is our aux_loss_coef top_k*c (HF's f sums to top_k, ours to 1; tests/test_hf.py proves it)
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output x sigmoid(x W), W: D -> 1
     routed_scaling_factor: float = 1.0  # DeepSeek-V3: the routed experts' gates x this
     n_group: int = 1  # group-limited routing (DeepSeek-V3): experts in n_group equal groups; a token
-    topk_group: int = 1  # picks its top_k among the experts of its topk_group best groups (a group's
-    # score: the sum of its 2 best scores). Under expert parallelism, bounds each token's fan-out
+    topk_group: int = 1  # picks its top_k among the experts of its topk_group best groups
 
     def __post_init__(self):
-        if self.granularity < 1 or (4 * self.n_embd) % self.granularity:
-            raise ValueError(f'MoEGPTConfig.granularity={self.granularity!r} must be >= 1 and divide 4*n_embd={4 * self.n_embd}')
-        if self.expert_hidden is None:
-            self.expert_hidden = 4 * self.n_embd // self.granularity
         if self.activation == 'swish':
             self.activation = 'silu'
-        misaligned = ("must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row strides in "
-                      "bf16); or use expert_impl='auto', which takes the loop when misaligned")
-        checks = [
-            ('block_size', self.block_size >= 1, 'must be >= 1'),
-            ('vocab_size', self.vocab_size >= 1, 'must be >= 1'),
-            ('n_layer', self.n_layer >= 1, 'must be >= 1'),
-            ('n_head', self.n_head >= 1, 'must be >= 1'),
-            ('n_embd', self.n_embd >= 1 and (self.head_dim is not None or self.n_embd % max(self.n_head, 1) == 0),
+        hints = get_type_hints(type(self))
+        for f in fields(self):  # typed choices: one rule for every Literal field
+            if get_origin(hints[f.name]) is Literal and getattr(self, f.name) not in get_args(hints[f.name]):
+                raise ValueError(f'MoEGPTConfig.{f.name}={getattr(self, f.name)!r} must be one of '
+                                 f'{get_args(hints[f.name])}')
+        E, G = self.n_experts, max(self.n_group, 1)
+        hd = self.head_dim or (self.n_embd // self.n_head if self.n_head >= 1 else 0)
+        spec = ROUTERS.get(self.router)
+        checks = [  # (field, ok, why): ranges first, then the rules that join fields
+            *[(k, getattr(self, k) >= 1, 'must be >= 1') for k in (
+                'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_experts', 'moe_every', 'granularity')],
+            *[(k, getattr(self, k) is None or getattr(self, k) >= 1, 'must be None or >= 1')
+              for k in ('n_kv_head', 'head_dim', 'dense_hidden', 'expert_hidden')],
+            *[(k, getattr(self, k) >= 0, 'must be >= 0') for k in (
+                'moe_first_dense', 'capacity_factor', 'router_init_std', 'aux_loss_coef', 'z_loss_coef',
+                'n_shared_experts', 'bias_update_rate')],
+            *[(k, getattr(self, k) is None or 0 <= getattr(self, k) < 1, 'must be in [0, 1)')
+              for k in ('dropout', 'moe_dropout')],
+            *[(k, getattr(self, k) > 0, 'must be > 0') for k in ('norm_eps', 'rope_theta', 'routed_scaling_factor')],
+            ('eval_capacity_factor', (self.eval_capacity_factor or 0) >= 0, 'must be None or >= 0 (0 = dropless)'),
+            ('router', spec is not None, f'must be one of {tuple(ROUTERS)}'),
+            ('n_embd', self.n_embd >= 1 and (self.head_dim is not None or self.n_embd % self.n_head == 0),
              f'must be a positive multiple of n_head={self.n_head} (or set head_dim)'),
-            ('norm', self.norm in NORMS, f'must be one of {NORMS}'),
-            ('norm_eps', self.norm_eps > 0, 'must be > 0'),
-            ('position', self.position in POSITIONS, f'must be one of {POSITIONS}'),
-            ('rope_theta', self.rope_theta > 0, 'must be > 0'),
-            ('n_kv_head', self.n_kv_head is None or (self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0),
-             f'must be None or divide n_head={self.n_head} (a key/value head serves n_head // n_kv_head query heads)'),
-            ('head_dim', self.head_dim is None or self.head_dim >= 1, 'must be None or >= 1'),
-            ('head_dim', self.position != 'rope' or (self.head_dim or self.n_embd // max(self.n_head, 1)) % 2 == 0,
-             'must be even with position=rope (rope rotates pairs of dimensions)'),
-            ('qk_norm', self.qk_norm in QK_NORMS, f'must be one of {QK_NORMS}'),
-            ('dense_hidden', self.dense_hidden is None or self.dense_hidden >= 1, 'must be None or >= 1'),
-            ('dropout', 0.0 <= self.dropout < 1.0, 'must be in [0, 1)'),
-            ('n_experts', self.n_experts >= 1, 'must be >= 1'),
-            ('top_k', 1 <= self.top_k <= self.n_experts or self.n_experts == 1,
-             f'must be in [1, n_experts={self.n_experts}]'),
-            ('moe_every', self.moe_every >= 1, 'must be >= 1'),
-            ('moe_first_dense', 0 <= self.moe_first_dense, 'must be >= 0'),
-            ('expert_hidden', self.expert_hidden >= 1, 'must be >= 1'),
-            ('activation', self.activation in ACTIVATIONS, f'must be one of {ACTIVATIONS}'),
-            ('moe_dropout', self.moe_dropout is None or 0.0 <= self.moe_dropout < 1.0,
-             'must be None or in [0, 1)'),
-            ('capacity_factor', self.capacity_factor >= 0, 'must be >= 0 (0 = dropless)'),
-            ('eval_capacity_factor', self.eval_capacity_factor is None or self.eval_capacity_factor >= 0,
-             'must be None or >= 0 (0 = dropless)'),
-            ('capacity_priority', self.capacity_priority in CAPACITY_PRIORITIES, f'must be one of {CAPACITY_PRIORITIES}'),
-            ('router_init_std', self.router_init_std >= 0, 'must be >= 0'),
-            ('aux_loss_coef', self.aux_loss_coef >= 0, 'must be >= 0'),
-            ('z_loss_coef', self.z_loss_coef >= 0, 'must be >= 0'),
-            ('expert_impl', self.expert_impl in EXPERT_IMPLS, f'must be one of {EXPERT_IMPLS}'),
-            # bf16 grouped_mm rejects row strides that are not multiples of 16 bytes (8 elements)
-            ('n_embd', self.expert_impl != 'grouped' or self.n_embd % 8 == 0, misaligned),
-            ('expert_hidden', self.expert_impl != 'grouped' or self.expert_hidden % 8 == 0, misaligned),
-            ('router', self.router in ROUTERS, f'must be one of {ROUTERS}'),
-            ('n_shared_experts', self.n_shared_experts >= 0, 'must be >= 0'),
-            ('bias_update_rate', self.bias_update_rate >= 0, 'must be >= 0'),
-            ('balance_scope', self.balance_scope in BALANCE_SCOPES, f'must be one of {BALANCE_SCOPES}'),
-            ('capacity_scope', self.capacity_scope in CAPACITY_SCOPES, f'must be one of {CAPACITY_SCOPES}'),
-            ('aux_loss_layers', self.aux_loss_layers in AUX_LOSS_LAYERS, f'must be one of {AUX_LOSS_LAYERS}'),
+            ('n_kv_head', self.n_kv_head is None or self.n_head % self.n_kv_head == 0,
+             f'must divide n_head={self.n_head} (a key/value head serves n_head // n_kv_head query heads)'),
+            ('head_dim', self.position != 'rope' or hd % 2 == 0, 'must be even with position=rope'),
+            ('granularity', (4 * self.n_embd) % self.granularity == 0, f'must divide 4*n_embd={4 * self.n_embd}'),
+            ('top_k', 1 <= self.top_k <= E or E == 1, f'must be in [1, n_experts={E}]'),
             ('aux_loss_layers', self.aux_loss_layers == 'mean' or self.balance_scope != 'sequence',
              "='pooled' pools whole micro-batches (HF's loss): use it with balance_scope='micro_batch' or 'global'"),
-            ('aux_loss_layers', self.aux_loss_layers == 'mean' or self.router != 'expert_choice',
-             "='pooled' needs a token-choice router (expert choice has no balance loss)"),
+            ('aux_loss_layers', self.aux_loss_layers == 'mean' or 'aux' not in (spec and spec.skip_losses or ()),
+             f"='pooled' needs a router with a balance loss, not {self.router!r}"),
             ('shared_expert_gate', not self.shared_expert_gate or self.n_shared_experts >= 1,
              'needs n_shared_experts >= 1 (it gates their output)'),
-            ('routed_scaling_factor', self.routed_scaling_factor > 0, 'must be > 0'),
-            ('n_group', self.n_group >= 1 and self.n_experts % self.n_group == 0,
-             f'must be >= 1 and divide n_experts={self.n_experts}'),
-            ('n_group', self.n_group == 1 or self.router in ('softmax', 'noisy_topk', 'sigmoid'),
-             f'> 1 (group-limited routing) needs router softmax, noisy_topk or sigmoid, not {self.router!r}'),
-            ('topk_group', 1 <= self.topk_group <= self.n_group, f'must be in [1, n_group={self.n_group}]'),
-            ('top_k', self.n_group == 1 or self.top_k <= self.topk_group * (self.n_experts // max(self.n_group, 1)),
-             f'must be <= topk_group * n_experts // n_group (the experts of the groups a token may use)'),
+            ('n_group', E % G == 0, f'must be >= 1 and divide n_experts={E}'),
+            ('n_group', self.n_group == 1 or (spec and spec.groups), f'> 1 needs a top-k router, not {self.router!r}'),
+            ('topk_group', 1 <= self.topk_group <= G, f'must be in [1, n_group={self.n_group}]'),
+            ('top_k', G == 1 or self.top_k <= self.topk_group * (E // G), 'must be <= topk_group * n_experts // n_group'),
         ]
+        if self.expert_impl == 'grouped':  # bf16 grouped_mm: row strides must be multiples of 16 bytes
+            checks += [(k, (getattr(self, k) or 4 * self.n_embd // self.granularity) % 8 == 0,
+                        "must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row "
+                        "strides in bf16); or use expert_impl='auto', which takes the loop when misaligned")
+                       for k in ('n_embd', 'expert_hidden')]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f'MoEGPTConfig.{name}={getattr(self, name)!r} {why}')
         # None = follow the other fields; resolved here, so a checkpoint's model_args say what was built
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.head_dim is None:
-            self.head_dim = self.n_embd // self.n_head
-        if self.qkv_bias is None:
-            self.qkv_bias = self.bias
-        if self.attn_out_bias is None:
-            self.attn_out_bias = self.bias
-        if self.dense_hidden is None:
-            self.dense_hidden = 4 * self.n_embd
-        if self.n_experts == 1:
-            self.top_k = 1  # a single expert is the dense MLP; top_k is moot
-        if self.router == 'soft':
-            self.top_k = self.n_experts  # every token through every expert
+        self.expert_hidden = self.expert_hidden or 4 * self.n_embd // self.granularity
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = hd
+        self.qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
+        self.attn_out_bias = self.bias if self.attn_out_bias is None else self.attn_out_bias
+        self.dense_hidden = self.dense_hidden or 4 * self.n_embd
+        self.top_k = 1 if E == 1 else spec.top_k(self)  # soft: every expert
+        self.norm_topk_prob = self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob
+
+    @property
+    def has_capacity(self):
+        return self.n_experts > 1 and ROUTERS[self.router].capacity and (
+            self.capacity_factor > 0 or (self.eval_capacity_factor or 0) > 0)
 
     @property
     def causal(self):
         """Whether a token's output depends only on tokens at its position or earlier, in any
-        sequence of the micro-batch: what a causal LM needs. Not so for expert choice (each expert
-        ranks all tokens, later ones included) and for capacity with capacity_priority='choice' (a
-        later token's first choice can drop an earlier token's second choice; with top-1, sequence
-        b's later tokens can drop sequence b+1's earlier ones). With capacity_scope='sequence' and
-        top-1, choice order is position order inside each sequence: causal again.
-        tests/test_causality.py (and tests/test_hf.py, for capacity_scope) probe it."""
+        sequence of the micro-batch: what a causal LM needs. The router declares its own; capacity
+        with capacity_priority='choice' breaks it (a later token's first choice can drop an earlier
+        token's second), except per sequence with top-1, where choice order is position order.
+        tests/test_causality.py probes it."""
         if self.n_experts == 1:
             return True
-        if self.router == 'expert_choice':
+        if not ROUTERS[self.router].causal:
             return False
-        if not self.has_capacity or self.capacity_priority == 'position':
-            return True
-        return self.capacity_scope == 'sequence' and self.top_k == 1
+        return (not self.has_capacity or self.capacity_priority == 'position'
+                or (self.capacity_scope == 'sequence' and self.top_k == 1))
 
     @property
     def batch_dependent(self):
-        """Whether a token's output depends on the other sequences of its micro-batch (capacity drops
-        counted over the micro-batch, expert choice): then the same text can give other logits in
-        another batch."""
-        return self.n_experts > 1 and (self.router == 'expert_choice'
+        """Whether a token's output depends on the other sequences of its micro-batch: then the same
+        text can give other logits in another batch."""
+        return self.n_experts > 1 and (ROUTERS[self.router].batch_dependent
                                        or (self.has_capacity and self.capacity_scope == 'micro_batch'))
-
-    @property
-    def has_capacity(self):
-        return self.capacity_factor > 0 or (self.eval_capacity_factor or 0) > 0
 
     def is_moe_layer(self, i):
         return (self.n_experts > 1 and i >= self.moe_first_dense
@@ -231,36 +188,28 @@ class MoEGPTConfig:
         return [f.name for f in fields(cls)]
 
 
+# The fields a resumed run (or a model loaded from a native directory) may change: training settings.
+# Every other field is fixed by the checkpoint. train.py and hf.py derive their rules from this set.
+TUNABLE = frozenset({
+    'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'capacity_priority', 'capacity_scope',
+    'aux_loss_coef', 'z_loss_coef', 'balance_scope', 'aux_loss_layers', 'expert_impl', 'router_fp32',
+    'router_init_std', 'bias_update_rate'})
+
+
 def activation_fn(name, h):
     """Apply the named activation; swiglu splits the hidden in two: silu(gate) * up."""
-    if name == 'gelu':
-        return F.gelu(h)
+    if name == 'swiglu':
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
     if name == 'gelu_tanh':  # GPT-2's "gelu_new"; needed to reproduce pretrained GPT-2 exactly
         return F.gelu(h, approximate='tanh')
-    if name == 'relu':
-        return F.relu(h)
-    if name == 'silu':
-        return F.silu(h)
-    if name == 'tanh':
-        return torch.tanh(h)
-    gate, up = h.chunk(2, dim=-1)  # swiglu
-    return F.silu(gate) * up
-
-
-def fused_adamw_supported(device_type):
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        return device_type in _get_fused_kernels_supported_devices()
-    except ImportError:  # older torch: CUDA only
-        return device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+    return {'gelu': F.gelu, 'relu': F.relu, 'silu': F.silu, 'tanh': torch.tanh}[name](h)
 
 
 def compute_dtype(x):
     """The dtype matmuls run in: autocast's if it is on, else the input's."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 # ----------------------------------------------------------------------------- attention
 
 class RMSNorm(nn.Module):
@@ -362,127 +311,223 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-# ----------------------------------------------------------------------------- router + losses
 
-def load_balancing_loss(probs_TE, topk_ids_TK, n_experts, counts_E=None):
-    """Switch Transformer aux loss, E * sum_i f_i * P_i.
+# ----------------------------------------------------------------------------- router
 
-    f_i: fraction of the T*K assignments that went to expert i (sums to 1, so uniform routing gives
-    exactly 1.0 for every k); P_i: mean router probability of expert i. f is a count (no gradient);
-    the gradient reaches the router through P. counts_E, if given, replaces the local assignment
-    counts (balance_scope='global' passes the counts summed over all ranks)."""
-    if counts_E is None:
-        counts_E = torch.zeros(n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
-        counts_E.scatter_add_(0, topk_ids_TK.reshape(-1), torch.ones_like(topk_ids_TK.reshape(-1), dtype=probs_TE.dtype))
-    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum()
-    P_E = probs_TE.mean(dim=0)
-    return n_experts * (f_E * P_E).sum()
+class Routing(NamedTuple):
+    """What every router returns. Rows are (token, expert, gate) assignments, any number per token,
+    a token's rows in its order of preference (what capacity keeps first). k > 0 says every token has
+    exactly k rows, token-major (row t*k + j): the layer then takes its gather fast path."""
+    token_N: torch.Tensor   # (N,) int64: the token of each row, in 0..T-1
+    expert_N: torch.Tensor  # (N,) int64: its expert, in 0..E-1
+    gate_N: torch.Tensor    # (N,) the weight of that expert's output in the token's sum
+    logits_TE: torch.Tensor  # (T, E) router logits (z-loss, logs)
+    probs_TE: torch.Tensor   # (T, E) rows sum to 1: the P of the balance losses
+    k: int = 0
+    dropped: Optional[torch.Tensor] = None  # routers that leave tokens out (expert choice): their fraction
 
-
-def sequence_balancing_loss(probs_BSE, topk_ids_BSK, n_experts):
-    """DeepSeek's sequence-level variant: the Switch loss inside each sequence, averaged over the
-    batch. It penalises imbalance within a sequence, not only across the whole batch."""
-    B, S, K = topk_ids_BSK.shape
-    counts_BE = torch.zeros(B, n_experts, device=probs_BSE.device, dtype=probs_BSE.dtype)
-    counts_BE.scatter_add_(1, topk_ids_BSK.reshape(B, -1),
-                           torch.ones(B, S * K, device=probs_BSE.device, dtype=probs_BSE.dtype))
-    f_BE = counts_BE / (S * K)
-    P_BE = probs_BSE.mean(dim=1)
-    return (n_experts * (f_BE * P_BE).sum(-1)).mean()
+    def topk(self):
+        """(ids_TK, gates_TK) of a fixed-k routing."""
+        return self.expert_N.view(-1, self.k), self.gate_N.view(-1, self.k)
 
 
-def router_z_loss(logits_TE):
-    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+@dataclass(frozen=True)
+class RouterSpec:
+    """A router and what is specific to it, declared once here instead of tested by name elsewhere."""
+    route: Callable  # route(router: Router, x_TD) -> Routing
+    causal: bool = True  # a token's rows depend on that token alone (tests/test_causality.py probes it)
+    batch_dependent: bool = False  # its rows depend on the other tokens of the micro-batch
+    capacity: bool = True  # the layer's Switch capacity (capacity_factor) applies to its rows
+    groups: bool = False  # supports group-limited routing (n_group > 1)
+    noise: bool = False  # has noise weights (Router.noise)
+    expert_bias: bool = False  # has the aux-free bias buffer, moved by MoEGPT.update_expert_bias
+    skip_losses: tuple = ()  # LOSSES terms that do not apply to it
+    top_k: Callable = lambda cfg: cfg.top_k  # rows per token (config.top_k is resolved with it)
+    experts_per_token: Callable = lambda cfg: cfg.top_k  # routed experts a token passes through: FLOPs
+
+
+ROUTERS = {}  # name -> RouterSpec
+
+
+def register_router(name, **declared):
+    def add(route):
+        ROUTERS[name] = RouterSpec(route, **declared)
+        return route
+    return add
 
 
 class Router(nn.Module):
-    """Scores every (token, expert) pair and, for token-choice routers, picks each token's experts.
-
-    softmax        softmax over experts, top-k (Switch; Mixtral when the k gates are renormalised)
-    noisy_topk     softmax of logits + N(0,1)*softplus(x W_noise), the noise in training only
-                   (Shazeer et al. 2017)
-    sigmoid        independent sigmoid scores (DeepSeek-V3); experts picked by top-k of
-                   score + expert_bias, a buffer nudged toward balanced load after every optimizer
-                   step (MoEGPT.update_expert_bias); the bias steers selection only, never the gates
-    soft           every expert, weighted by its softmax probability (seed 000's dense Soft MoE)
-    expert_choice  softmax scores; the experts pick tokens (MoELayer.route_expert_choice)
-    """
+    """The router's weights (gate; noise and expert_bias where its spec declares them) and its config;
+    the routing itself is the registered function, ROUTERS[config.router].route(self, x_TD)."""
 
     def __init__(self, config):
         super().__init__()
-        self.kind = config.router
+        self.kind, self.spec, self.config = config.router, ROUTERS[config.router], config
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
-        self.noise = nn.Linear(config.n_embd, config.n_experts, bias=False) if self.kind == 'noisy_topk' else None
-        if self.kind == 'sigmoid':
+        self.noise = nn.Linear(config.n_embd, config.n_experts, bias=False) if self.spec.noise else None
+        if self.spec.expert_bias:
             self.register_buffer('expert_bias', torch.zeros(config.n_experts))
-        self.top_k = config.n_experts if self.kind == 'soft' else config.top_k
-        self.norm_topk_prob = config.norm_topk_prob
-        self.router_fp32 = config.router_fp32
-        self.routed_scaling_factor = config.routed_scaling_factor
-        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.capacity_factor if config.eval_capacity_factor is None else config.eval_capacity_factor
 
     def forward(self, x_TD):
-        """Returns logits_TE, probs_TE (rows sum to 1: the P of the balance loss), topk_ids_TK and
-        gates_TK (the weights of the chosen experts' outputs)."""
-        if self.router_fp32:  # routing decisions are sensitive to rounding: at least fp32, no autocast
-            dt = torch.promote_types(x_TD.dtype, torch.float32)
-            with torch.autocast(x_TD.device.type, enabled=False):
-                x_TD = x_TD.to(dt)
-                logits_TE = F.linear(x_TD, self.gate.weight.to(dt))
-                if self.noise is not None and self.training:
-                    noise_std_TE = F.softplus(F.linear(x_TD, self.noise.weight.to(dt)))
-                    logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
-        else:
-            logits_TE = self.gate(x_TD)
-            if self.noise is not None and self.training:
-                logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(self.noise(x_TD))
-        if self.kind == 'sigmoid':
-            scores_TE = torch.sigmoid(logits_TE)
-            select_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        else:
-            scores_TE = select_TE = probs_TE = F.softmax(logits_TE, dim=-1)
-        if self.n_group > 1:
-            select_TE = self.limit_to_groups(select_TE)
-        _, topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1)
-        topk_probs_TK = scores_TE.gather(1, topk_ids_TK)  # the gates never see expert_bias
-        if self.norm_topk_prob:
-            gates_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
-        else:
-            gates_TK = topk_probs_TK
-        if self.routed_scaling_factor != 1.0:
-            gates_TK = gates_TK * self.routed_scaling_factor
-        return logits_TE, probs_TE, topk_ids_TK, gates_TK
+        return self.spec.route(self, x_TD)
 
-    def limit_to_groups(self, select_TE):
-        """DeepSeek-V3's group-limited routing: the experts form n_group groups of equal size; a
-        group scores the sum of its 2 best selection scores; each token keeps only the experts of its
-        topk_group best groups (the others get -inf). With experts laid out by group over the ranks,
-        a token's assignments then reach at most topk_group groups of ranks."""
-        T, E = select_TE.shape
-        select_TGM = select_TE.view(T, self.n_group, E // self.n_group)
-        group_scores_TG = select_TGM.topk(min(2, E // self.n_group), dim=-1).values.sum(dim=-1)
-        best_TG = group_scores_TG.topk(self.topk_group, dim=-1).indices
-        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_TG, True)
-        return select_TGM.masked_fill(~keep_TG.unsqueeze(-1), float('-inf')).view(T, E)
+    def logits(self, x_TD, weight=None):
+        """x_TD @ weight.T (the gate's by default); with router_fp32 in at least fp32, autocast off:
+        routing decisions are sensitive to rounding."""
+        weight = self.gate.weight if weight is None else weight
+        if not self.config.router_fp32:
+            return F.linear(x_TD, weight.to(compute_dtype(x_TD)))
+        dt = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.to(dt), weight.to(dt))
+
+    def current_capacity_factor(self):
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def topk(self, logits_TE, probs_TE, scores_TE=None, select_TE=None):
+        """Each token's top_k experts by select (default: probs; group-limited if n_group > 1), gated
+        by scores (default: probs), renormalised (norm_topk_prob) and scaled (routed_scaling_factor)."""
+        scores_TE = probs_TE if scores_TE is None else scores_TE
+        select_TE = scores_TE if select_TE is None else select_TE
+        if self.config.n_group > 1:
+            select_TE = limit_to_groups(select_TE, self.config.n_group, self.config.topk_group)
+        T, K = select_TE.shape[0], self.top_k
+        ids_TK = torch.topk(select_TE, K, dim=-1).indices
+        gates_TK = scores_TE.gather(1, ids_TK)
+        if self.norm_topk_prob:
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        if self.config.routed_scaling_factor != 1.0:
+            gates_TK = gates_TK * self.config.routed_scaling_factor
+        token_N = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
+        return Routing(token_N, ids_TK.reshape(-1), gates_TK.reshape(-1), logits_TE, probs_TE, k=K)
+
+
+@register_router('softmax', groups=True)
+def softmax_topk(router, x_TD):
+    """Switch (top-1) and Mixtral (top-2, renormalised): softmax over experts, top-k."""
+    logits_TE = router.logits(x_TD)
+    return router.topk(logits_TE, F.softmax(logits_TE, dim=-1))
+
+
+@register_router('noisy_topk', groups=True, noise=True)
+def noisy_topk(router, x_TD):
+    """Shazeer et al. 2017: softmax of logits + N(0,1) * softplus(x W_noise), the noise in training only."""
+    logits_TE = router.logits(x_TD)
+    if router.training:
+        logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(router.logits(x_TD, router.noise.weight))
+    return router.topk(logits_TE, F.softmax(logits_TE, dim=-1))
+
+
+@register_router('sigmoid', groups=True, expert_bias=True)
+def sigmoid_topk(router, x_TD):
+    """DeepSeek-V3: independent sigmoid scores; experts picked by top-k of score + expert_bias, a buffer
+    nudged toward balanced load after every optimizer step; the bias steers selection, never the gates."""
+    logits_TE = router.logits(x_TD)
+    scores_TE = torch.sigmoid(logits_TE)
+    probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    return router.topk(logits_TE, probs_TE, scores_TE, scores_TE + router.expert_bias.to(scores_TE.dtype))
+
+
+@register_router('soft', capacity=False, top_k=lambda cfg: cfg.n_experts,
+                 experts_per_token=lambda cfg: cfg.n_experts)
+def soft_mixture(router, x_TD):
+    """Every expert, weighted by its softmax probability (seed 000's dense Soft MoE)."""
+    logits_TE = router.logits(x_TD)
+    return router.topk(logits_TE, F.softmax(logits_TE, dim=-1))
+
+
+@register_router('expert_choice', causal=False, batch_dependent=True, capacity=False, skip_losses=('aux',),
+                 experts_per_token=lambda cfg: cfg.capacity_factor or cfg.top_k)
+def expert_choice(router, x_TD):
+    """Zhou et al. 2022: every expert takes its C highest-scoring tokens, C = ceil(cf * T / E),
+    cf = capacity_factor (top_k when 0). It ranks tokens across the batch, later positions included,
+    so a causal LM trained with it sees the future (docs/routing_zoo.md). Balanced by construction."""
+    logits_TE = router.logits(x_TD)
+    probs_TE = F.softmax(logits_TE, dim=-1)
+    (T, E), cf = probs_TE.shape, router.current_capacity_factor() or router.top_k
+    C = min(T, math.ceil(cf * T / E))
+    gates_EC, tokens_EC = torch.topk(probs_TE.t(), C, dim=1)                  # (E, C) each expert's tokens
+    picked_T = torch.zeros(T, device=x_TD.device).index_fill_(0, tokens_EC.reshape(-1), 1.0)
+    expert_N = torch.arange(E, device=x_TD.device).repeat_interleave(C)
+    return Routing(tokens_EC.reshape(-1), expert_N, gates_EC.reshape(-1), logits_TE, probs_TE,
+                   dropped=1.0 - picked_T.mean())
+
+
+def limit_to_groups(select_TE, n_group, topk_group):
+    """DeepSeek-V3's group-limited routing: the experts form n_group groups of equal size; a group
+    scores the sum of its 2 best selection scores; each token keeps only the experts of its topk_group
+    best groups (the others get -inf). Under expert parallelism this bounds a token's fan-out."""
+    T, E = select_TE.shape
+    select_TGM = select_TE.view(T, n_group, E // n_group)
+    group_scores_TG = select_TGM.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)
+    best_TG = group_scores_TG.topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+    return select_TGM.masked_fill(~keep_TG.unsqueeze(-1), float('-inf')).view(T, E)
+
+
+# ----------------------------------------------------------------------------- losses
+# A loss term is a function of the layer and its routing, registered by name; MoEGPT's loss is
+# ce + sum over terms of config.<name>_loss_coef * (the term's mean over the MoE layers).
+
+LOSSES = {}  # name -> term(moe, r: Routing, counts_E, S) -> scalar
+
+
+def register_loss(name):
+    def add(term):
+        LOSSES[name] = term
+        return term
+    return add
+
+
+def load_balancing_loss(probs_TE, counts_E):
+    """Switch Transformer aux loss, E * sum_i f_i * P_i. f_i: the fraction of the assignments that went
+    to expert i (a count: no gradient); P_i: the mean router probability of expert i. Uniform routing
+    gives exactly 1.0 for any number of experts per token."""
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum()
+    return probs_TE.shape[-1] * (f_E * probs_TE.mean(dim=0)).sum()
+
+
+def sequence_balancing_loss(probs_BSE, counts_BE):
+    """DeepSeek's sequence-level variant: the Switch loss inside each sequence, averaged over the batch.
+    It penalises imbalance within a sequence, not only across the whole batch."""
+    f_BE = counts_BE.to(probs_BSE.dtype) / counts_BE.sum(dim=-1, keepdim=True)
+    return (probs_BSE.shape[-1] * (f_BE * probs_BSE.mean(dim=1)).sum(-1)).mean()
+
+
+@register_loss('aux')
+def balance_loss(moe, r, counts_E, S):
+    """The Switch loss over the micro-batch, inside each sequence (DeepSeek's sequence-level variant,
+    averaged over the batch), or with the loads of all ranks ('global': Megatron-Core's global batch)."""
+    E = moe.n_experts
+    if moe.balance_scope == 'sequence':
+        B = r.probs_TE.shape[0] // S
+        counts_BE = r.probs_TE.new_zeros(B * E).index_add_(                    # (B*E,) rows per (sequence, expert)
+            0, r.token_N // S * E + r.expert_N, torch.ones_like(r.token_N, dtype=r.probs_TE.dtype))
+        return sequence_balancing_loss(r.probs_TE.view(B, S, E), counts_BE.view(B, E))
+    return load_balancing_loss(r.probs_TE, moe.balance_counts(counts_E))
+
+
+def router_z_loss(logits_TE):
+    """ST-MoE z-loss: the mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+@register_loss('z')
+def z_loss(moe, r, counts_E, S):
+    return router_z_loss(r.logits_TE)
+
+
+def pooled_balance_loss(counts_LE, P_LE):
+    """HF's load_balancing_loss_func (aux_loss_layers='pooled'): all layers' assignments and
+    probabilities pooled, then E * sum f*P once (every layer routes the same tokens)."""
+    f_E = counts_LE.sum(0) / counts_LE.sum()
+    return counts_LE.shape[-1] * (f_E * P_LE.mean(0)).sum()
 
 
 # ----------------------------------------------------------------------------- experts
-
-def use_grouped_mm(expert_impl, device_type, dtype, aligned=True):
-    """Whether the experts run as grouped_mm (else the per-expert slice loop). 'auto' takes
-    grouped_mm only where it is one kernel that torch.compile can trace: CUDA, bf16 (grouped_mm's
-    meta function, what compile traces, accepts bf16 only), 16-byte-aligned row strides. The rest
-    takes the loop: CPU (measured faster there), and fp32 / fp16 on CUDA (--dtype=float32, pre-Ampere
-    GPUs), where compiled grouped_mm would crash. docs/performance.md: the GPU path."""
-    if not HAS_GROUPED_MM or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False  # old torch, or float64 (tests): grouped_mm has no kernel for it
-    if expert_impl != 'auto':
-        return expert_impl == 'grouped'
-    return device_type == 'cuda' and dtype == torch.bfloat16 and aligned
-
-
 
 class MLP(nn.Module):
     """nanoGPT's dense MLP: the FFN of dense blocks, and the always-on shared experts of an MoE layer."""
@@ -499,26 +544,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(activation_fn(self.activation, self.c_fc(x))))
 
 
-@torch.compiler.disable
-def grouped_mm_eager(a, b, offs):
-    """grouped_mm outside torch.compile's graph: its meta function (what compile traces) accepts
-    bf16 only, while the eager kernels also run fp32 / fp16. expert_impl='grouped' in those dtypes
-    compiles with a graph break here instead of crashing."""
-    return F.grouped_mm(a, b, offs=offs)
-
-
-def append_ones(a_NX):
-    """(N, X) -> (N, X+8): [a, 1, 0 x 7]. Eight columns, not one: row strides stay multiples of 16 bytes."""
-    N = a_NX.shape[0]
-    return torch.cat([a_NX, a_NX.new_ones(N, 1), a_NX.new_zeros(N, 7)], dim=1)
-
-
-def append_bias(w_EXY, b_EY):
-    """(E, X, Y) -> (E, X+8, Y): [w; b; 0 x 7], so that append_ones(a) @ append_bias(w, b) = a @ w + b."""
-    E, _, Y = w_EXY.shape
-    return torch.cat([w_EXY, b_EY.to(w_EXY.dtype).unsqueeze(1), w_EXY.new_zeros(E, 7, Y)], dim=1)
-
-
 class GroupedExperts(nn.Module):
     """n_experts MLPs with weights stacked along a leading expert dim, applied to expert-sorted rows."""
 
@@ -528,9 +553,8 @@ class GroupedExperts(nn.Module):
         F_ = 2 * H if config.activation == 'swiglu' else H
         self.w1_EDF = nn.Parameter(torch.empty(E, D, F_))
         self.w2_EHD = nn.Parameter(torch.empty(E, H, D))
-        # Finite values for a layer built on its own (tests, bench.py), not torch.empty's leftover
-        # memory; MoEGPT re-initialises them. fork_rng: the global CPU RNG stream, and so every
-        # seeded model init, stays as it was.
+        # Finite values for a layer built on its own (tests, bench.py); MoEGPT re-initialises them.
+        # fork_rng: the global CPU RNG stream, and so every seeded model init, stays as it was.
         with torch.random.fork_rng(devices=[]):
             torch.nn.init.normal_(self.w1_EDF, std=0.02)
             torch.nn.init.normal_(self.w2_EHD, std=0.02)
@@ -538,97 +562,50 @@ class GroupedExperts(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(E, D)) if config.bias else None
         self.activation = config.activation
         self.expert_impl = config.expert_impl
-        # bf16 grouped_mm needs every row stride to be a multiple of 16 bytes (8 bf16 elements): D, H
-        # and 2H (swiglu). 'auto' takes the loop otherwise; 'grouped' is refused by MoEGPTConfig.
+        # bf16 grouped_mm needs every row stride to be a multiple of 16 bytes (8 bf16 elements)
         self.aligned = D % 8 == 0 and H % 8 == 0
 
     def use_grouped(self, x):
         return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
 
     def forward(self, x_ND, counts_E, kept_N1=None):
-        """x_ND: rows sorted by expert; counts_E: rows per expert. kept_N1 (capacity mode): False on
-        the dropped rows past sum(counts_E).
-        CUDA's grouped_mm allocates its output uninitialised and writes only the rows up to offs[-1],
-        in forward and in the input gradient of backward: those rows hold garbage (NaN, Inf), and
-        0 * NaN is NaN. So every grouped_mm output is masked at once, before activation and
-        gate see it, and the activation's output is masked too (its backward input is the next
-        grouped_mm's input gradient). tests/test_cuda_rules.py emulates the garbage on CPU."""
+        """x_ND: rows sorted by expert; counts_E: rows per expert. kept_N1 (capacity): False on the
+        dropped rows past sum(counts_E), whose output must be exactly 0."""
         dt = compute_dtype(x_ND)
         x_ND = x_ND.to(dt)
         w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
-        if not self.use_grouped(x_ND):
-            return self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, w2_EHD)
-        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        mm = F.grouped_mm if dt == torch.bfloat16 else grouped_mm_eager
+        b1_EF, b2_ED = (b.to(dt) if b is not None else None for b in (self.b1_EF, self.b2_ED))
+        if self.use_grouped(x_ND):  # kernels.py: the same math in two grouped_mm calls, CUDA's rules kept
+            act = lambda h: activation_fn(self.activation, h)
+            return grouped_mlp(x_ND, w1_EDF, b1_EF, w2_EHD, b2_ED, counts_E, kept_N1, act)
+        return self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, b1_EF, w2_EHD, b2_ED)
 
-        def grouped_mm(a, b):
-            y = mm(a, b, offs=offs_E)
-            return y if kept_N1 is None else torch.where(kept_N1, y, 0)
-
-        # Biases inside the grouped_mm: [x 1] @ [w1; b1] = x @ w1 + b1. The bias gradient then comes
-        # out of grouped_mm's weight gradient, each expert's rows summed with fp32 accumulation like a
-        # dense Linear's bias (a gather b[expert of each row] would sum them by atomic adds, ~N/E per
-        # address, slow on GPUs and, in bf16, 7-50% off), and no pass over the N x F activations.
-        if self.b1_EF is not None:
-            x_ND, w1_EDF = append_ones(x_ND), append_bias(w1_EDF, self.b1_EF)
-        h_NF = grouped_mm(x_ND, w1_EDF)
-        h_NH = activation_fn(self.activation, h_NF)
-        if kept_N1 is not None:
-            h_NH = torch.where(kept_N1, h_NH, 0)
-        if self.b2_ED is not None:
-            h_NH, w2_EHD = append_ones(h_NH), append_bias(w2_EHD, self.b2_ED)
-        return grouped_mm(h_NH, w2_EHD)
-
-    def forward_loop(self, x_ND, counts, w1_EDF, w2_EHD):
-        """Reference / fallback: one plain matmul per expert on its contiguous slice (biases per
-        slice, in the matmul). split / unbind, not x[a:b] / w[e]: each slice or select would get a
-        full-size zero gradient in backward (SliceBackward / SelectBackward), O(E) full-size fills and
-        adds; split's and unbind's backward is a single cat / stack."""
-        dt = x_ND.dtype
+    def forward_loop(self, x_ND, counts, w1_EDF, b1_EF, w2_EHD, b2_ED):
+        """The reference: one plain matmul per expert on its contiguous slice. split / unbind, not
+        x[a:b] / w[e]: each slice or select would get a full-size zero gradient in backward; split's
+        and unbind's backward is a single cat / stack."""
         w1s, w2s = w1_EDF.unbind(0), w2_EHD.unbind(0)
-        b1s = self.b1_EF.to(dt).unbind(0) if self.b1_EF is not None else None
-        b2s = self.b2_ED.to(dt).unbind(0) if self.b2_ED is not None else None
+        b1s = b1_EF.unbind(0) if b1_EF is not None else None
+        b2s = b2_ED.unbind(0) if b2_ED is not None else None
         kept = sum(counts)
         xs = x_ND.split(list(counts) + [x_ND.shape[0] - kept])
         ys = []
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            # addmm, like nn.Linear: the bias rides in the matmul call (the CPU recipe's expert loop,
-            # forward + backward: 8.3 -> 8.0 ms)
-            h = xs[e] @ w1s[e] if b1s is None else torch.addmm(b1s[e], xs[e], w1s[e])
+            h = xs[e] @ w1s[e] if b1s is None else torch.addmm(b1s[e], xs[e], w1s[e])  # addmm: nn.Linear's
             a = activation_fn(self.activation, h)
             ys.append(a @ w2s[e] if b2s is None else torch.addmm(b2s[e], a, w2s[e]))
-        if kept < x_ND.shape[0]:  # rows of dropped assignments (capacity mode): zeros
+        if kept < x_ND.shape[0]:  # the rows of dropped assignments (capacity): zeros
             ys.append(x_ND.new_zeros(x_ND.shape[0] - kept, w2_EHD.shape[-1]))
         return torch.cat(ys) if ys else x_ND.new_zeros(0, w2_EHD.shape[-1])
 
 
 # ----------------------------------------------------------------------------- MoE layer
 
-class GatherRows(torch.autograd.Function):
-    """x[idx] where every row of x is taken exactly k times: the dispatch (k = top_k, each token to
-    its k rows) and the combine (k = 1, a permutation back to token order). Given inv_idx, the rows
-    of the output holding row i's copies at inv_idx[i*k : (i+1)*k], the backward is a gather and a
-    sum over the k copies. index_select's own backward is an index_add_: atomic adds (slow on GPUs)."""
-
-    @staticmethod
-    def forward(ctx, x, idx, inv_idx, k):
-        ctx.save_for_backward(inv_idx)
-        ctx.k = k
-        return x.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inv_idx, = ctx.saved_tensors
-        g = grad.index_select(0, inv_idx)
-        return (g if ctx.k == 1 else g.view(-1, ctx.k, g.shape[1]).sum(1)), None, None, None
-
-
 class MoELayer(nn.Module):
-    """Router -> rows sorted by expert -> grouped experts -> gate-weighted sum back in the tokens
-    (+ shared experts). Every router ends in this one dispatch: it only has to say, for each
-    row, which token, which expert and which gate. Returns (output, aux dict)."""
+    """Router -> rows sorted by expert -> capacity (if any) -> grouped experts -> gate-weighted sum back
+    into the tokens (+ shared experts). One dispatch for every router. Returns (output, aux dict)."""
 
     def __init__(self, config):
         super().__init__()
@@ -638,55 +615,50 @@ class MoELayer(nn.Module):
                                if config.n_shared_experts > 0 else None)
         # Qwen2-MoE: a per-token sigmoid gate, D -> 1, on the shared experts' output
         self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if config.shared_expert_gate else None
-        self.n_experts, self.top_k = config.n_experts, self.router.top_k
-        self.capacity_factor = config.capacity_factor
-        self.eval_capacity_factor = (config.capacity_factor if config.eval_capacity_factor is None
-                                     else config.eval_capacity_factor)
-        self.balance_scope = config.balance_scope
-        self.capacity_priority = config.capacity_priority
-        self.capacity_scope = config.capacity_scope
-        self.aux_loss_layers = config.aux_loss_layers
+        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.balance_scope, self.aux_loss_layers = config.balance_scope, config.aux_loss_layers
+        self.capacity_priority, self.capacity_scope = config.capacity_priority, config.capacity_scope
+        self.losses = [n for n in LOSSES if n not in self.router.spec.skip_losses]
+        for name in self.losses:
+            if not hasattr(config, f'{name}_loss_coef'):
+                raise ValueError(f"loss term '{name}' needs a config field {name}_loss_coef (its weight)")
         self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
-
-    @property
-    def active_experts(self):
-        """Routed experts one token passes through (on average, for expert choice)."""
-        if self.router.kind == 'expert_choice':  # C = cf*T/E tokens per expert -> cf experts per token
-            return self.capacity_factor or self.top_k
-        return self.top_k
+        self.active_experts = self.router.spec.experts_per_token(config)  # routed experts per token: FLOPs
 
     def forward(self, x_BSD, return_intermediate=False):
         B, S, D = x_BSD.shape
         E = self.n_experts
         x_TD = x_BSD.reshape(-1, D)
         T = x_TD.shape[0]
-        logits_TE, probs_TE, topk_ids_TK, gates_TK = self.router(x_TD)
-        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        assign_of_N = rows_of_A = None
-        if self.router.kind == 'expert_choice':
-            token_of_N, gate_N, counts_E, kept_counts_E, kept_N1, tokens_EC = \
-                self.route_expert_choice(probs_TE, capacity_factor)
-        else:
-            counts_E, kept_counts_E, kept_N1, assign_of_N, rows_of_A = \
-                self.route_token_choice(topk_ids_TK, capacity_factor, B, S)
-
+        r = self.router(x_TD)                                                 # Routing: (token, expert, gate) rows
+        N = r.expert_N.shape[0]
+        counts_E = x_TD.new_zeros(E + 1, dtype=torch.long).index_add_(       # (E,) rows per expert, demand
+            0, r.expert_N, torch.ones_like(r.expert_N))[:E]
+        cf = self.router.current_capacity_factor() if self.router.spec.capacity else 0
+        expert_N, kept_counts_E, kept_N1 = r.expert_N, counts_E, None
+        if cf > 0:                                                            # over capacity: expert E, sorts last
+            expert_N, kept_counts_E = self.apply_capacity(r, counts_E, cf, B, S)
+        sorted_expert_N, order_N = torch.sort(expert_N, stable=True)          # (N,) row n of the sort <- row order_N[n]
+        if cf > 0:
+            kept_N1 = (sorted_expert_N < E).unsqueeze(1)                      # (N, 1) False on dropped rows
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
-        if rows_of_A is not None:  # token choice: every token has exactly K rows, gathers both ways
-            K = topk_ids_TK.shape[1]
-            x_ND = GatherRows.apply(xc_TD, assign_of_N // K, rows_of_A, K)      # (N, D) gather, expert-sorted
+        if r.k:  # fast path, every token has k rows: gathers both ways (no atomic adds in backward)
+            rows_of_A = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(N, device=x_TD.device))
+            x_ND = GatherRows.apply(xc_TD, order_N // r.k, rows_of_A, r.k)   # (N, D) expert-sorted
         else:
-            x_ND = xc_TD.index_select(0, token_of_N)                          # (N, D) gather, expert-sorted
+            token_N = r.token_N.index_select(0, order_N)                      # (N,) token of each sorted row
+            x_ND = xc_TD.index_select(0, token_N)                             # (N, D) expert-sorted
         if kept_N1 is not None:
             x_ND = torch.where(kept_N1, x_ND, 0)
         y_ND = self.experts(x_ND, kept_counts_E, kept_N1)                     # (N, D)
         if kept_N1 is not None:
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
-        if rows_of_A is not None:
-            y_TKD = GatherRows.apply(y_ND, rows_of_A, assign_of_N, 1).view(T, K, D)  # back to token order
-            out_TD = (y_TKD * gates_TK.unsqueeze(2).to(y_TKD.dtype)).sum(1)    # (T, D) gate-weighted sum
+        if r.k:
+            y_TKD = GatherRows.apply(y_ND, rows_of_A, order_N, 1).view(T, r.k, D)  # back to token order
+            out_TD = (y_TKD * r.gate_N.view(T, r.k, 1).to(y_TKD.dtype)).sum(1)   # (T, D) gate-weighted sum
         else:
-            y_ND = y_ND * gate_N.unsqueeze(1).to(y_ND.dtype)                  # gate-weighted rows
-            out_TD = y_ND.new_zeros(T, D).index_add_(0, token_of_N, y_ND)     # (T, D) each token's rows summed
+            y_ND = y_ND * r.gate_N.index_select(0, order_N).unsqueeze(1).to(y_ND.dtype)
+            out_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND)        # (T, D) each token's rows summed
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
@@ -694,115 +666,68 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
         out_BSD = self.dropout(out_TD.view(B, S, D))
 
-        if self.aux_loss_layers == 'pooled':  # MoEGPT.forward pools counts and P over the layers (HF's loss)
-            balance_counts_E = self.balance_counts(counts_E)
-            aux = {'aux_loss': load_balancing_loss(probs_TE, topk_ids_TK, E, balance_counts_E),
-                   'balance_counts_E': balance_counts_E, 'balance_P_E': probs_TE.mean(dim=0)}
-        else:
-            aux = {'aux_loss': self.balance_loss(probs_TE, topk_ids_TK, counts_E, B, S)}
-        aux['z_loss'] = router_z_loss(logits_TE)
+        aux = {'losses': {name: LOSSES[name](self, r, counts_E, S) for name in self.losses}}
+        if self.aux_loss_layers == 'pooled':  # MoEGPT pools counts and P over the layers (HF's loss)
+            aux['balance'] = (self.balance_counts(counts_E), r.probs_TE.mean(dim=0))
         with torch.no_grad():
             aux['expert_counts'] = counts_E.float()
-            if self.router.kind == 'expert_choice':  # dropped: tokens that no expert picked
-                picks_T = torch.zeros(T, device=x_TD.device).index_add_(
-                    0, token_of_N, torch.ones(token_of_N.numel(), device=x_TD.device))
-                aux['drop_frac'] = (picks_T == 0).float().mean()
-            else:  # dropped: assignments over capacity
-                aux['drop_frac'] = 1.0 - kept_counts_E.sum().float() / (T * self.top_k)
-            aux['router_entropy'] = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean().float()
-        if return_intermediate:
-            aux['routing'] = {'router_logits': logits_TE.view(B, S, E), 'router_probs': probs_TE.view(B, S, E)}
-            if self.router.kind == 'expert_choice':
-                aux['routing']['expert_choice_tokens'] = tokens_EC  # (E, C) flat token ids each expert took
+            if r.dropped is not None:
+                aux['drop_frac'] = r.dropped.float()
+            elif cf > 0:
+                aux['drop_frac'] = 1.0 - kept_counts_E.sum().float() / N
             else:
-                aux['routing'].update(topk_ids=topk_ids_TK.view(B, S, -1), topk_weights=gates_TK.view(B, S, -1))
+                aux['drop_frac'] = x_TD.new_zeros((), dtype=torch.float32)
+            aux['router_entropy'] = -(r.probs_TE * r.probs_TE.clamp_min(1e-20).log()).sum(-1).mean().float()
+        if return_intermediate:
+            aux['routing'] = {'router_logits': r.logits_TE.view(B, S, E), 'router_probs': r.probs_TE.view(B, S, E),
+                              'token_N': r.token_N, 'expert_N': r.expert_N, 'gate_N': r.gate_N}
+            if r.k:
+                ids_TK, gates_TK = r.topk()
+                aux['routing'].update(topk_ids=ids_TK.view(B, S, -1), topk_weights=gates_TK.view(B, S, -1))
         return out_BSD, aux
 
-    def route_token_choice(self, topk_ids_TK, capacity_factor, B, S):
-        """Each token picked k experts: sort the N = T*K assignments by expert, stably, so that inside
-        each expert the assignments keep their priority order (what capacity dropping keeps first).
-        capacity_priority 'choice' (GShard/Switch): n = k*T + t, every first choice of the micro-batch
-        before any second choice. A token's second choice can then be dropped because of a *later*
-        token's first choice, in its own or another sequence: the future leaks into the present.
-        'position' (causal): n = s*K*B + k*B + b, all assignments of position s before those of
-        s+1, so a token's drops depend only on tokens at its position or earlier.
-        Returns the sort as a permutation of the assignments a = t*K + k (token order) and its inverse."""
-        E, T, K = self.n_experts, B * S, topk_ids_TK.shape[1]
-        a_TK = torch.arange(T * K, device=topk_ids_TK.device).view(T, K)     # assignment a = t*K + k
-        if capacity_factor > 0 and self.capacity_priority == 'position':
-            perm = lambda v_TK: v_TK.view(B, S, K).permute(1, 2, 0).reshape(-1)  # (S, K, B) order
+    def apply_capacity(self, r, counts_E, capacity_factor, B, S):
+        """Switch/GShard capacity: each expert (or each (sequence, expert) pair, capacity_scope='sequence')
+        keeps its first ceil(cf * rows / slots) rows in priority order; the rest get expert id E, so they
+        sort past every expert and are computed as zero. Priority 'choice' (GShard): every first choice
+        of the micro-batch before any second choice; a token's second choice can then be dropped by a
+        *later* token's first choice: the future leaks in. 'position' (causal): all rows of position s
+        before those of s+1, so a token's drops depend only on tokens at its position or earlier.
+        Returns the expert of each row (E if dropped) and the kept rows per expert."""
+        E, T, N = self.n_experts, B * S, r.expert_N.shape[0]
+        token_N = r.token_N
+        if r.k:  # j: which choice of its token a row is (0 = first)
+            j_N = torch.arange(N, device=token_N.device) % r.k
         else:
-            perm = lambda v_TK: v_TK.t().reshape(-1)                             # (K, T) order
-        ids_N, a_N = perm(topk_ids_TK), perm(a_TK)                            # (N,) each, priority order
-        counts_E = torch.zeros(E, dtype=torch.long, device=ids_N.device)
-        counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))                # (E,) tokens per expert
-        kept_counts_E, kept_N1 = counts_E, None
-        if capacity_factor > 0 and self.capacity_scope == 'sequence':
-            ids_N, kept_counts_E = self.apply_capacity_per_sequence(ids_N, a_N // K, capacity_factor, B, S)
-        elif capacity_factor > 0:
-            ids_N, kept_counts_E = self.apply_capacity(ids_N, counts_E, capacity_factor, T)
-        sorted_ids_N, order_N = torch.sort(ids_N, stable=True)                # (N,) expert of each row, row -> assignment
-        if capacity_factor > 0:
-            # Dropped rows (expert id E) sort last, past every expert's slice: masked to exactly 0.
-            kept_N1 = (sorted_ids_N < E).unsqueeze(1)
-        assign_of_N = a_N.index_select(0, order_N)                            # (N,) row -> assignment a
-        rows_of_A = torch.empty_like(assign_of_N).scatter_(0, assign_of_N, a_TK.view(-1))  # its inverse
-        return counts_E, kept_counts_E, kept_N1, assign_of_N, rows_of_A
-
-    def apply_capacity(self, ids_N, counts_E, capacity_factor, T):
-        """Switch/GShard capacity: each expert keeps its first `capacity` assignments in priority
-        order; the rest get expert id E so they sort past every expert and are computed as zero."""
-        E = self.n_experts
-        capacity = math.ceil(capacity_factor * T * self.top_k / E)
-        kept_N = self.rank_in_bucket(ids_N, counts_E) < capacity
-        return torch.where(kept_N, ids_N, E), counts_E.clamp(max=capacity)
-
-    def apply_capacity_per_sequence(self, ids_N, token_N, capacity_factor, B, S):
-        """capacity_scope='sequence' (HF's Switch Transformers): every sequence has its own
-        ceil(cf * S * K / E) slots per expert, so no sequence can take another's. The same ranking
-        as apply_capacity, with (sequence, expert) pairs as the buckets."""
-        E = self.n_experts
-        capacity = math.ceil(capacity_factor * S * self.top_k / E)
-        bucket_N = (token_N // S) * E + ids_N                                 # (sequence, expert) pair
-        counts_BE = torch.zeros(B * E, dtype=torch.long, device=ids_N.device)
-        counts_BE.scatter_add_(0, bucket_N, torch.ones_like(bucket_N))
-        kept_N = self.rank_in_bucket(bucket_N, counts_BE) < capacity
-        return torch.where(kept_N, ids_N, E), counts_BE.clamp(max=capacity).view(B, E).sum(0)
+            j_N = self.rank_in_bucket(token_N, torch.bincount(token_N, minlength=T))
+        if self.capacity_priority == 'position':
+            key_N = ((token_N % S) * E + j_N) * B + token_N // S                 # (s, j, b) order
+        else:
+            key_N = j_N * T + token_N                                             # (j, t) order
+        if self.capacity_scope == 'sequence':
+            bucket_N, n_buckets, slots = token_N // S * E + r.expert_N, B * E, B * E
+        else:
+            bucket_N, n_buckets, slots = r.expert_N, E, E
+        capacity = math.ceil(capacity_factor * N / slots)
+        order_P = torch.argsort(key_N)                                         # rows in priority order
+        bucket_P = bucket_N.index_select(0, order_P)
+        counts_K = torch.zeros(n_buckets, dtype=torch.long, device=token_N.device).index_add_(
+            0, bucket_P, torch.ones_like(bucket_P))
+        kept_P = self.rank_in_bucket(bucket_P, counts_K) < capacity
+        kept_N = torch.empty_like(kept_P).scatter_(0, order_P, kept_P)
+        kept_counts_E = counts_K.clamp(max=capacity).view(-1, E).sum(0)
+        return torch.where(kept_N, r.expert_N, E), kept_counts_E
 
     @staticmethod
     def rank_in_bucket(bucket_N, counts):
-        """Each assignment's position among those of its bucket, in priority order (a stable sort)."""
+        """Each row's position among the rows of its bucket, in row order (a stable sort)."""
         order_N = torch.argsort(bucket_N, stable=True)
         start = torch.cumsum(counts, 0) - counts
         rank_sorted_N = torch.arange(bucket_N.numel(), device=bucket_N.device) - start[bucket_N[order_N]]
-        rank_N = torch.empty_like(rank_sorted_N)
-        rank_N[order_N] = rank_sorted_N
-        return rank_N
-
-    def route_expert_choice(self, probs_TE, capacity_factor):
-        """Expert choice (Zhou et al. 2022): every expert takes its C highest-scoring tokens,
-        C = ceil(cf * T / E), cf = capacity_factor (top_k when 0). Rows come out grouped by expert.
-        The choice compares tokens across the batch, later positions included, so in a causal LM
-        it sees the future (docs/routing_zoo.md)."""
-        E, T = self.n_experts, probs_TE.shape[0]
-        C = min(T, math.ceil((capacity_factor or self.top_k) * T / E))
-        gates_EC, tokens_EC = torch.topk(probs_TE.t(), C, dim=1)              # (E, C) each expert's tokens
-        counts_E = torch.full((E,), C, dtype=torch.long, device=probs_TE.device)
-        return tokens_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, None, tokens_EC
-
-    def balance_loss(self, probs_TE, topk_ids_TK, counts_E, B, S):
-        """The Switch loss over the micro-batch, per sequence, or with the loads of all DDP ranks
-        ('global': Megatron-Core's global-batch balancing). counts_E: this micro-batch's assignments
-        per expert, already counted by the routing. Expert choice is balanced by construction: no loss."""
-        if self.router.kind == 'expert_choice':
-            return probs_TE.new_zeros(())
-        E = self.n_experts
-        if self.balance_scope == 'sequence':
-            return sequence_balancing_loss(probs_TE.view(B, S, E), topk_ids_TK.view(B, S, -1), E)
-        return load_balancing_loss(probs_TE, topk_ids_TK, E, self.balance_counts(counts_E))
+        return torch.empty_like(rank_sorted_N).scatter_(0, order_N, rank_sorted_N)
 
     def balance_counts(self, counts_E):
-        """The loads f is made of: this micro-batch's, or the global batch's (all DDP ranks)."""
+        """The loads f is made of: this micro-batch's, or the global batch's (all ranks)."""
         counts_E = counts_E.float()  # a copy: the routing's counts also go to the stats
         if self.balance_scope == 'global' and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts_E)  # the global batch's loads; P stays local
@@ -856,10 +781,12 @@ class MoEGPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        if config.n_experts > 1 and config.router == 'expert_choice':
-            warnings.warn('router=expert_choice: each expert picks tokens across the whole batch, later '
-                          'positions included, so a causal LM trained with it sees the future; its '
-                          'losses are not comparable with token-choice routers (docs/routing_zoo.md)')
+        if not config.causal:  # what makes it so is declared: by the router, or by capacity's priority
+            why = ('each expert picks tokens across the whole batch, later positions included' if not
+                   ROUTERS[config.router].causal else f"capacity_priority='choice': a later token's first "
+                   f"choice can drop an earlier token's second")
+            warnings.warn(f'router={config.router}: {why}, so a causal LM trained with it sees the future; its '
+                          'losses are not comparable with causal settings (docs/routing_zoo.md)')
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2*n_layer); expert output projections too.
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -887,10 +814,11 @@ class MoEGPT(nn.Module):
     def moe_layers(self):
         return [b.mlp for b in self.transformer.h if b.is_moe]
 
-    def get_num_params(self, non_embedding=True):
+    def get_num_params(self, non_embedding=True, experts_per_token=None):
         """Total and active parameter counts. non_embedding drops the position embeddings (the token
         embeddings stay counted when tied to lm_head, as in nanoGPT; untied, they are a lookup and
-        are dropped too, lm_head stays)."""
+        are dropped too, lm_head stays). experts_per_token: a measured mean (dynamic-k routers)
+        instead of the router's declared one."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if 'wpe' in self.transformer:
@@ -902,24 +830,29 @@ class MoEGPT(nn.Module):
             n_local = moe.experts.w1_EDF.shape[0]  # < n_experts under expert parallelism (parallel.py)
             per_expert = sum(p.numel() for p in moe.experts.parameters()) // n_local
             total += (moe.n_experts - n_local) * per_expert  # the experts held by other ranks
-            inactive += round((moe.n_experts - moe.active_experts) * per_expert)
+            inactive += round((moe.n_experts - (experts_per_token or moe.active_experts)) * per_expert)
         return ParamCount(total=total, active=total - inactive)
 
     @torch.no_grad()
     def update_expert_bias(self, expert_counts_LE):
         """DeepSeek-V3's auxiliary-loss-free balancing, called after each optimizer step with the
         step's tokens per expert (all micro-steps and ranks, so every rank moves identically):
-        bias += rate * sign(mean load - load). Only sigmoid routers have the bias."""
+        bias += rate * sign(mean load - load). Only routers that declare expert_bias have it."""
         for moe, counts_E in zip(self.moe_layers(), expert_counts_LE):
-            if moe.router.kind == 'sigmoid':
+            if moe.router.spec.expert_bias:
                 counts_E = counts_E.to(moe.router.expert_bias.device, torch.float32)
                 moe.router.expert_bias += self.config.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
 
+    @property
+    def uses_expert_bias(self):
+        """Whether train.py must call update_expert_bias after each optimizer step."""
+        return any(moe.router.spec.expert_bias for moe in self.moe_layers())
+
     def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None):
-        """Returns (logits, loss, stats). loss = CE + aux_loss_coef*aux + z_loss_coef*z (None without
-        targets); stats holds detached tensors for logging: 'ce', 'aux_loss', 'z_loss', and per MoE
-        layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), plus
-        'routing' (a list, one dict per MoE layer) when return_intermediate=True.
+        """Returns (logits, loss, stats). loss = ce + sum of config.<name>_loss_coef * losses[name] (None
+        without targets); stats holds detached tensors for logging: 'ce', 'loss', 'losses' ({name: term},
+        empty for a dense model), and per MoE layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,),
+        'router_entropy' (L_moe,), plus 'routing' (one dict per MoE layer) when return_intermediate.
         kv_cache (a KVCache, generation only): idx continues the cached tokens; filled in place."""
         device = idx.device
         b, t = idx.size()
@@ -940,24 +873,15 @@ class MoEGPT(nn.Module):
                 auxes.append(aux)
         x = self.transformer.ln_f(x)
 
-        zero = x.new_zeros((), dtype=torch.float32)
         E = self.config.n_experts
-        if auxes and self.config.aux_loss_layers == 'pooled':
-            # HF's load_balancing_loss_func: all layers' assignments and probabilities pooled, then
-            # E * sum f*P once (every layer routes the same T tokens, so P is the mean of the layers')
-            counts_E = torch.stack([a['balance_counts_E'] for a in auxes]).sum(0)
-            P_E = torch.stack([a['balance_P_E'] for a in auxes]).mean(0)
-            aux_loss = E * (counts_E / counts_E.sum() * P_E).sum()
-        else:
-            aux_loss = torch.stack([a['aux_loss'] for a in auxes]).mean() if auxes else zero
-        z_loss = torch.stack([a['z_loss'] for a in auxes]).mean() if auxes else zero
-        stats = {
-            'aux_loss': aux_loss.detach(),
-            'z_loss': z_loss.detach(),
-            'expert_counts': torch.stack([a['expert_counts'] for a in auxes]) if auxes else x.new_zeros(0, E),
-            'drop_frac': torch.stack([a['drop_frac'] for a in auxes]) if auxes else x.new_zeros(0),
-            'router_entropy': torch.stack([a['router_entropy'] for a in auxes]) if auxes else x.new_zeros(0),
-        }
+        stats = {'expert_counts': torch.stack([a['expert_counts'] for a in auxes]) if auxes else x.new_zeros(0, E),
+                 'drop_frac': torch.stack([a['drop_frac'] for a in auxes]) if auxes else x.new_zeros(0),
+                 'router_entropy': torch.stack([a['router_entropy'] for a in auxes]) if auxes else x.new_zeros(0)}
+        # each loss term: its mean over the MoE layers, or HF's pooled balance loss (aux_loss_layers='pooled')
+        losses = {name: torch.stack([a['losses'][name] for a in auxes]).mean() for name in auxes[0]['losses']} if auxes else {}
+        if auxes and 'balance' in auxes[0]:
+            losses['aux'] = pooled_balance_loss(*(torch.stack(t) for t in zip(*[a['balance'] for a in auxes])))
+        stats['losses'] = {name: v.detach() for name, v in losses.items()}
         if return_intermediate:
             stats['routing'] = [a['routing'] for a in auxes]
         if targets is not None:
@@ -966,25 +890,17 @@ class MoEGPT(nn.Module):
             logits_flat = logits.view(-1, logits.size(-1))
             ce = F.cross_entropy(logits_flat.to(torch.promote_types(logits.dtype, torch.float32)),
                                  targets.view(-1), ignore_index=-1)
+            # The one loss: ce + each term x its coefficient. A dense model's is ce itself (not ce + 0:
+            # inductor folds that to ce, and returning ce.detach() beside it marks it non-differentiable)
             loss = ce
-            if auxes:  # not ce + 0 for a dense model: inductor folds it to ce itself, and returning
-                # ce.detach() beside it then marks the loss non-differentiable (pytorch PR #194760)
-                loss = ce + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
+            for name, term in losses.items():
+                loss = loss + getattr(self.config, f'{name}_loss_coef') * term
+            stats['loss'] = loss.detach()
             stats['ce'] = ce.detach()
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
             loss = None
         return logits, loss, stats
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, upcycle_noise=0.0, **overrides):
-        """A pretrained HF checkpoint as an MoEGPT: GPT-2 (nanoGPT's from_pretrained), Llama, Qwen2,
-        Qwen3, Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE; a hub name ('gpt2', ...) or a save_pretrained
-        directory (offline). overrides set MoEGPTConfig fields (dropout, block_size, ...; for a dense
-        checkpoint n_experts > 1 is sparse upcycling: every expert a copy of the dense MLP, the same
-        function at step 0 with renormalised gates). The key maps live in hf.py (hf.load)."""
-        import hf
-        return hf.load(name_or_path, upcycle_noise=upcycle_noise, **overrides)
 
     def crop_block_size(self, block_size):
         assert block_size <= self.config.block_size
@@ -1036,11 +952,12 @@ class MoEGPT(nn.Module):
         a LongTensor (max_new_tokens, n_moe_layers, B, top_k)."""
         bs = self.config.block_size
         routing = []
-        if any(m.router.kind == 'expert_choice' for m in self.moe_layers()):
-            # Expert choice ranks tokens across the whole sequence; one cached token at a time can't
-            # reproduce that, so rerun the context every step: the same batch-level rule as training.
+        if any(not m.router.spec.causal for m in self.moe_layers()):
+            # A router that ranks tokens across the sequence (expert choice): one cached token at a time
+            # can't reproduce that, so rerun the context every step, the same batch-level rule as training.
             if return_routing:
-                raise ValueError('return_routing: expert-choice routing has no per-token top-k experts')
+                raise ValueError(f'return_routing: expert-choice style routing (router={self.config.router}) has no '
+                                 'per-token top-k experts')
             use_cache = False
 
         def step(tokens, cache):

@@ -30,7 +30,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import typing
 from contextlib import nullcontext
 
 import numpy as np
@@ -40,7 +39,7 @@ import checkpoint
 import configurator
 import hardware
 from metrics import MoEMetrics, RunLog, trim_log
-from model import MoEGPT, MoEGPTConfig
+from model import TUNABLE, MoEGPT, MoEGPTConfig
 from prepare import DataError, load_meta, prepare_command
 
 _before = set(globals())
@@ -109,13 +108,10 @@ for _f in dataclasses.fields(MoEGPTConfig):  # new model fields become config ke
     if _f.name not in globals():
         globals()[_f.name] = _f.default
 config_keys = [k for k in globals() if k not in _before and not k.startswith('_')]
-_hints = typing.get_type_hints(MoEGPTConfig)
-key_types = {k: typing.get_args(_hints[k]) or (_hints[k],) for k in MoEGPTConfig.field_names()}
+key_types = configurator.field_types(MoEGPTConfig)  # Literal fields: their choices are checked
 key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at_iters=(list, tuple))
 # tunable on resume; every other model field must match the checkpoint's
-RESUME_TUNABLE = {'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'aux_loss_coef',
-                  'z_loss_coef', 'expert_impl', 'router_fp32', 'router_init_std', 'bias_update_rate',
-                  'balance_scope', 'capacity_priority', 'capacity_scope', 'aux_loss_layers'}
+RESUME_TUNABLE = TUNABLE  # model.py says which fields a checkpoint fixes
 
 
 def die(msg):
@@ -408,7 +404,7 @@ else:
     model = MoEGPT(gptconf)
 moe_layer_ids = [i for i in range(n_layer) if gptconf.is_moe_layer(i)]  # block index of each MoE layer
 n_moe, E = len(moe_layer_ids), n_experts
-aux_free = n_moe > 0 and router == 'sigmoid'  # DeepSeek-V3 balancing: expert_bias follows each step's load
+aux_free = model.uses_expert_bias  # DeepSeek-V3 balancing: expert_bias follows each step's load
 iter_num, best_val_loss = 0, float('inf')
 last_ckpt = None  # (path, iter) of the newest checkpoint known good: named when the run has to stop
 if ckpt is not None:
@@ -455,8 +451,7 @@ if ddp and not fsdp:  # FSDP reduces its own gradients
 
 # ----------------------------------------------------------------------------- metrics, logging
 # metrics.py: per-micro-step MoE stats summed on device, reduced over processes at log time, per-layer load
-metrics = MoEMetrics(moe_layer_ids, E, device, ddp=ddp, dead_expert_threshold=dead_expert_threshold,
-                     aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+metrics = MoEMetrics(moe_layer_ids, E, device, ddp=ddp, dead_expert_threshold=dead_expert_threshold)
 peak_flops = mfu_peak_flops or hardware.peak_flops(device, dtype)  # None: no MFU (CPU, MPS, an unknown GPU)
 
 
@@ -651,7 +646,7 @@ while True:
         elif ddp:  # sync gradients only on the last micro-step (nanoGPT's no_sync equivalent)
             model.require_backward_grad_sync = micro_step == ga_local - 1
         with ctx:
-            _, loss, stats = model(X, Y)  # loss = CE + aux_loss_coef*aux + z_loss_coef*z
+            _, loss, stats = model(X, Y)  # loss = ce + each loss term x its coefficient
             loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
             if iter_num in nan_iters:  # test hook (debug_nan_at_iters): a NaN loss, and so NaN gradients
                 loss = loss * float('nan')

@@ -50,7 +50,7 @@ SETTINGS = {
     'capacity top2 position': dict(capacity_factor=1.0, capacity_priority='position'),
     'capacity top1 choice': dict(top_k=1, capacity_factor=1.0, capacity_priority='choice'),
     'capacity top1 position': dict(top_k=1, capacity_factor=1.0, capacity_priority='position'),
-    'eval capacity only, choice': dict(capacity_factor=0.0, eval_capacity_factor=1.0),
+    'eval capacity only, choice': dict(capacity_factor=0.0, eval_capacity_factor=1.0, capacity_priority='choice'),
     'sigmoid capacity position': dict(router='sigmoid', capacity_factor=1.0, capacity_priority='position'),
 }
 
@@ -75,7 +75,9 @@ def test_causal_and_batch_dependent_flags():
     c = lambda **kw: MoEGPTConfig(n_embd=16, n_head=2, n_experts=4, top_k=2, **kw)
     assert c().causal and not c().batch_dependent
     assert not c(router='expert_choice').causal and c(router='expert_choice').batch_dependent
-    assert not c(capacity_factor=1.25).causal and c(capacity_factor=1.25).batch_dependent
+    assert not c(capacity_factor=1.25, capacity_priority='choice').causal
+    assert c(capacity_factor=1.25, capacity_priority='choice').batch_dependent
+    assert c(capacity_factor=1.25).causal  # the default priority is the causal one
     assert c(capacity_factor=1.25, capacity_priority='position').causal
     assert c(capacity_factor=1.25, capacity_priority='position').batch_dependent
     with pytest.raises(ValueError, match="capacity_priority='first'"):

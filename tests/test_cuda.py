@@ -93,7 +93,7 @@ def test_dropless_equals_capacity_when_nothing_is_dropped():
     x = torch.randn(4, 64, 128, device=DEV)
     with bf16_ctx():
         a, aux_a = layer(x)
-        layer.capacity_factor = 100.0  # capacity above any load: the capacity path, nothing dropped
+        layer.router.capacity_factor = 100.0  # capacity above any load: the capacity path, nothing dropped
         b, aux_b = layer(x)
     assert aux_b['drop_frac'].item() == 0.0
     torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0)

@@ -206,7 +206,7 @@ def test_auto_picks_grouped_only_where_it_compiles():
 
 
 # (dtype, expert_impl, capacity): every choice train.py can compile on a GPU; 'auto' resolved as on CUDA.
-# Forced 'grouped' in fp16/fp32 runs grouped_mm outside the graph (model.grouped_mm_eager).
+# Forced 'grouped' in fp16/fp32 runs grouped_mm outside the graph (kernels.grouped_mm_eager).
 COMPILE_CASES = [(dt, impl, cf) for dt in ('bfloat16', 'float16', 'float32') for impl in ('auto', 'grouped', 'loop')
                  for cf in (0.0, 1.25)]
 

@@ -271,7 +271,7 @@ def test_hf_moe_block_equals_our_layer(family):
     # the aux loss, under the coefficient mapping: HF's f sums to top_k, ours to 1
     logits = aux['routing']['router_logits'].reshape(-1, layer.n_experts)
     hf_aux = load_balancing_loss_func((logits,), layer.n_experts, layer.top_k)
-    assert hf_aux.item() == pytest.approx(layer.top_k * aux['aux_loss'].item(), rel=1e-6)  # HF sums in float32
+    assert hf_aux.item() == pytest.approx(layer.top_k * aux['losses']['aux'].item(), rel=1e-6)  # HF sums in float32
 
 
 def test_pooled_aux_loss_is_hfs_across_layers_and_the_coefficient_maps():
@@ -288,10 +288,10 @@ def test_pooled_aux_loss_is_hfs_across_layers_and_the_coefficient_maps():
         router_logits = tuple(r['router_logits'].reshape(-1, 4) for r in stats['routing'])
         if layers == 'mean':  # ours: the mean of per-layer losses, each = HF's single-layer loss / K
             per_layer = [load_balancing_loss_func((lg,), 4, K) / K for lg in router_logits]
-            assert stats['aux_loss'].item() == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-6)
+            assert stats['losses']['aux'].item() == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-6)
             continue
         hf_aux = load_balancing_loss_func(router_logits, 4, K)
-        assert hf_aux.item() == pytest.approx(K * stats['aux_loss'].item(), rel=1e-6)  # HF sums in float32
+        assert hf_aux.item() == pytest.approx(K * stats['losses']['aux'].item(), rel=1e-6)  # HF sums in float32
         ce = F.cross_entropy(logits.view(-1, V), idx.view(-1))
         assert loss.item() == pytest.approx((ce + c * hf_aux).item(), rel=1e-7)  # HF's loss, coef c
         # the same gradients reach the routers

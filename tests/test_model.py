@@ -11,6 +11,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import (HAS_GROUPED_MM, MoEGPT, MoEGPTConfig, MoELayer, activation_fn,  # noqa: E402
                    load_balancing_loss, router_z_loss)
 
+
+def route(layer, x_TD):
+    """The router's Routing as (logits, probs, top-k ids, gates), for a fixed-k router."""
+    r = layer.router(x_TD)
+    return (r.logits_TE, r.probs_TE, *r.topk())
+
+
+def counts(ids, E):
+    """Assignments per expert: what the balance loss is made of."""
+    return torch.bincount(ids.reshape(-1), minlength=E)
+
 ACTS = ['gelu', 'relu', 'silu', 'tanh', 'swiglu']
 
 
@@ -56,7 +67,7 @@ def naive_moe(layer, x_TD):
 def test_router_probs_sum_to_one_and_topk_is_true_topk():
     layer = moe_layer(n_experts=8, top_k=3)
     x = torch.randn(50, 16, dtype=torch.float64)
-    logits, probs, ids, gates = layer.router(x)
+    logits, probs, ids, gates = route(layer, x)
     assert torch.allclose(probs.sum(-1), torch.ones(50, dtype=torch.float64), atol=1e-12)
     ref_ids = torch.tensor([sorted(range(8), key=lambda e: -p[e].item())[:3] for p in probs])
     assert torch.equal(ids, ref_ids)
@@ -68,7 +79,7 @@ def test_router_probs_sum_to_one_and_topk_is_true_topk():
 def test_gates_not_renormalised_when_switch_style():
     layer = moe_layer(n_experts=8, top_k=2, norm_topk_prob=False)
     x = torch.randn(20, 16, dtype=torch.float64)
-    _, probs, ids, gates = layer.router(x)
+    _, probs, ids, gates = route(layer, x)
     assert torch.equal(gates, probs.gather(1, ids))
     assert (gates.sum(-1) < 1).all()
 
@@ -77,7 +88,7 @@ def test_router_fp32_under_bf16_autocast():
     layer = moe_layer(dtype=torch.float32, n_experts=4, router_fp32=True)
     x = torch.randn(10, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        logits, probs, _, _ = layer.router(x)
+        logits, probs, _, _ = route(layer, x)
     assert logits.dtype == torch.float32 and probs.dtype == torch.float32
     assert torch.allclose(logits, x @ layer.router.gate.weight.T, atol=1e-5)
 
@@ -91,7 +102,7 @@ def test_aux_loss_seed_002_example():
                           [0.4, 0.4, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1],
                           [0.1, 0.1, 0.1, 0.7], [0.1, 0.1, 0.1, 0.7]], dtype=torch.float64)
     ids = torch.tensor([0, 0, 0, 0, 1, 2, 3, 3]).unsqueeze(1)  # token 3 is a 0.4/0.4 tie: pass it explicitly
-    assert load_balancing_loss(probs, ids, 4).item() == pytest.approx(1.1125, abs=1e-12)
+    assert load_balancing_loss(probs, counts(ids, 4)).item() == pytest.approx(1.1125, abs=1e-12)
     # f=[.5,.125,.125,.25], P=[.325,.2375,.1875,.25] by hand
     f = torch.tensor([.5, .125, .125, .25], dtype=torch.float64)
     P = torch.tensor([.325, .2375, .1875, .25], dtype=torch.float64)
@@ -104,13 +115,13 @@ def test_aux_loss_is_one_for_uniform_routing(k):
     E, T = 4, 8
     probs = torch.full((T, E), 1.0 / E, dtype=torch.float64)
     ids = torch.stack([(torch.arange(k) + t) % E for t in range(T)])  # every expert chosen equally often
-    assert load_balancing_loss(probs, ids, E).item() == pytest.approx(1.0, abs=1e-12)
+    assert load_balancing_loss(probs, counts(ids, E)).item() == pytest.approx(1.0, abs=1e-12)
 
 
 def test_aux_loss_greater_than_one_when_collapsed():
     probs = torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 6, dtype=torch.float64)
     ids = torch.zeros(6, 1, dtype=torch.long)
-    assert load_balancing_loss(probs, ids, 4).item() == pytest.approx(4 * 0.97)
+    assert load_balancing_loss(probs, counts(ids, 4)).item() == pytest.approx(4 * 0.97)
 
 
 def test_z_loss_hand_example():
@@ -189,7 +200,7 @@ def test_grouped_path_equals_loop_path(capacity_factor, activation):
         torch.manual_seed(1)
         x = torch.randn(2, 40, 16, requires_grad=True)
         out, aux = layer(x)
-        (out.square().sum() + aux['aux_loss']).backward()
+        (out.square().sum() + aux['losses']['aux']).backward()
         outs.append(out.detach())
         grads.append([x.grad] + [p.grad for p in layer.parameters()])
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
@@ -223,7 +234,7 @@ def test_gradients_reach_router_and_selected_experts_only():
     # and the aux loss alone also reaches the router
     layer.zero_grad()
     _, aux = layer(x)
-    aux['aux_loss'].backward()
+    aux['losses']['aux'].backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0
     assert layer.experts.w1_EDF.grad is None or layer.experts.w1_EDF.grad.abs().sum() == 0
 
@@ -253,7 +264,7 @@ def test_capacity_drops_second_choices_before_first_choices():
     # Every token ranks experts 0 > 1 > 2 > 3 except token 3, whose first choice is 1.
     # Expert 0: first choices of tokens 0,1,2 -> keeps token 0. Expert 1: first choice of token 3
     # and second choices of tokens 0,1,2 -> keeps token 3 (a first choice wins over earlier seconds).
-    layer = moe_layer(n_experts=4, top_k=2, capacity_factor=0.5, norm_topk_prob=False)
+    layer = moe_layer(n_experts=4, top_k=2, capacity_factor=0.5, norm_topk_prob=False, capacity_priority='choice')
     x = torch.zeros(1, 4, 16, dtype=torch.float64)
     x[0, :, 0] = 1.0
     x[0, 3, 1] = 1.0
@@ -262,7 +273,7 @@ def test_capacity_drops_second_choices_before_first_choices():
         layer.router.gate.weight[:, 0] = torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
         layer.router.gate.weight[1, 1] = 5.0
     out, aux = layer(x)
-    _, _, ids, gates = layer.router(x.view(4, 16))
+    _, _, ids, gates = route(layer, x.view(4, 16))
     assert ids.tolist() == [[0, 1], [0, 1], [0, 1], [1, 0]]
     ex = layer.experts
 
@@ -338,7 +349,7 @@ def test_dense_model_is_exactly_nanogpt():
     ref = nanogpt_reference_logits(model.state_dict(), idx, cfg.n_head)
     assert torch.allclose(logits, ref, atol=1e-10)
     assert loss.item() == pytest.approx(F.cross_entropy(ref.view(-1, 37), idx.view(-1)).item(), abs=1e-10)
-    assert stats['aux_loss'].item() == 0 and stats['expert_counts'].shape == (0, 1)
+    assert stats['losses'] == {} and stats['expert_counts'].shape == (0, 1)
 
 
 def test_moe_layer_placement():
@@ -356,12 +367,12 @@ def test_model_loss_is_ce_plus_weighted_aux_and_stats():
     ce = F.cross_entropy(logits.view(-1, cfg.vocab_size), idx.view(-1))
     routing = stats['routing']
     assert len(routing) == 3
-    aux = torch.stack([load_balancing_loss(r['router_probs'].view(-1, 4), r['topk_ids'].view(-1, 2), 4)
+    aux = torch.stack([load_balancing_loss(r['router_probs'].view(-1, 4), counts(r['topk_ids'], 4))
                        for r in routing]).mean()
     z = torch.stack([router_z_loss(r['router_logits'].view(-1, 4)) for r in routing]).mean()
     assert loss.item() == pytest.approx((ce + 0.3 * aux + 0.05 * z).item(), abs=1e-12)
     assert stats['ce'].item() == pytest.approx(ce.item(), abs=1e-12)
-    assert stats['aux_loss'].item() == pytest.approx(aux.item(), abs=1e-12)
+    assert stats['losses']['aux'].item() == pytest.approx(aux.item(), abs=1e-12)
     assert stats['expert_counts'].shape == (3, 4)
     assert stats['expert_counts'].sum(1).tolist() == [2 * 12 * 2] * 3
     for layer_counts, r in zip(stats['expert_counts'], routing):
