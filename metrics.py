@@ -171,12 +171,13 @@ class RunLog:
         self.m, self.out_dir, self.wandb, self.history = metrics, out_dir, wandb, list(history or [])
 
     def emit(self, line, record, wandb_dict):
-        """Every sink, once: the console, log.jsonl, wandb."""
+        """Every sink, once: the console, log.jsonl, wandb (wandb_dict: a function, called only when
+        wandb is on, so that wandb is never imported otherwise)."""
         print(line)
         with open(os.path.join(self.out_dir, 'log.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')
         if self.wandb:
-            self.wandb.log(wandb_dict, step=record['iter'])
+            self.wandb.log(wandb_dict(), step=record['iter'])
 
     def eval(self, iter_num, lr, tr, va, best_val_ce):
         """tr, va: MoEMetrics.reduce of the train and val eval batches."""
@@ -184,14 +185,14 @@ class RunLog:
         terms = ', '.join(f'{k} {v:.4f}' for k, v in va['losses'].items())
         line = (f"step {iter_num}: train CE {tr['ce']:.4f}, val CE {va['ce']:.4f}"
                 f"{f' (val {terms})' if terms else ''}{m.summary(va['layers'])}")
-        wandb_dict = {**{f'val/{k}': v for k, v in log_keys(va).items()}, 'val/best_ce': best_val_ce,
-                      **{f'eval_train/{k}': v for k, v in log_keys(tr).items()}, **m.wandb_keys('val_moe', va['layers'])}
+        wandb_dict = lambda: {**{f'val/{k}': v for k, v in log_keys(va).items()}, 'val/best_ce': best_val_ce,
+                              **{f'eval_train/{k}': v for k, v in log_keys(tr).items()},
+                              **m.wandb_keys('val_moe', va['layers']),
+                              **({'val_moe/expert_usage': self.wandb.Image(png)} if m.n_moe else {})}
         if m.n_moe:
             self.history.append((iter_num, np.array([l['frac'] for l in va['layers']])))
             m.plot(self.history, png)
             line += '\n' + m.table(va['layers'], f'expert load on val at iter {iter_num}')
-            if self.wandb:
-                wandb_dict['val_moe/expert_usage'] = self.wandb.Image(png)
         self.emit(line, {'type': 'eval', 'iter': iter_num, 'lr': lr, **log_keys(tr, 'train_'), **log_keys(va, 'val_'),
                          'best_val_ce': best_val_ce, 'layers': va['layers']}, wandb_dict)
 
@@ -202,10 +203,10 @@ class RunLog:
         line = (f"iter {iter_num}: ce {s['ce']:.4f}{terms} | {dt * 1000:.1f}ms/iter {tokens_per_iter / dt:,.0f} tok/s"
                 f"{f' mfu {100 * mfu:.2f}%' if mfu is not None else ''}{self.m.summary(s['layers'])}")
         perf = {'ms_per_iter': dt * 1000, 'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu}
-        wandb_dict = {**{f'train/{k}': v for k, v in log_keys(s).items()}, 'lr': lr,
-                      **{f'perf/{k}': v for k, v in perf.items() if v is not None},
-                      **({'train/grad_norm': grad_norm} if grad_norm is not None else {}),
-                      **self.m.wandb_keys('moe', s['layers'], summary=True)}
+        wandb_dict = lambda: {**{f'train/{k}': v for k, v in log_keys(s).items()}, 'lr': lr,
+                              **{f'perf/{k}': v for k, v in perf.items() if v is not None},
+                              **({'train/grad_norm': grad_norm} if grad_norm is not None else {}),
+                              **self.m.wandb_keys('moe', s['layers'], summary=True)}
         self.emit(line, {'type': 'train', 'iter': iter_num, 'iters': iters, 'lr': lr, **log_keys(s),
                          'grad_norm': grad_norm, **perf, 'bad_steps': bad_steps, 'layers': s['layers']}, wandb_dict)
 

@@ -401,7 +401,7 @@ def test_training_steps_after_import(hf_dirs, family):
 @pytest.mark.parametrize('family,moe,export_as', [
     ('llama', dict(n_experts=4, top_k=2), 'mixtral'),
     ('qwen2', dict(n_experts=4, top_k=2, norm_topk_prob=True, n_shared_experts=1, shared_expert_gate=True), 'qwen2_moe'),
-    ('qwen3', dict(n_experts=4, top_k=1), 'qwen3_moe'),
+    ('qwen3', dict(n_experts=4, top_k=1, norm_topk_prob=True), 'qwen3_moe'),  # top-1: renormalised only if asked
     ('gpt2', dict(n_experts=4, top_k=2, moe_every=2), None),
 ])
 def test_upcycled_dense_checkpoint_is_the_dense_function_and_exports(hf_dirs, family, moe, export_as, tmp_path):
