@@ -34,8 +34,9 @@ class MoEMetrics:
     def add(self, acc, stats):
         """stats: the model's. Whatever loss terms arrive are summed under their own names."""
         acc['n'] += 1
-        for name, v in {'ce': stats['ce'], 'loss': stats['loss'], **stats['losses'], 'counts': stats['expert_counts'],
-                        'drop': stats['drop_frac'], 'entropy': stats['router_entropy']}.items():
+        for name, v in {'ce': stats['ce'], 'loss': stats['loss'], 'counts': stats['expert_counts'],
+                        'drop': stats['drop_frac'], 'entropy': stats['router_entropy'],
+                        **{('losses', k): t for k, t in stats['losses'].items()}}.items():
             v = v.to(self.acc_dtype)
             acc[name] = acc[name] + v if name in acc else v.clone()
 
@@ -53,8 +54,8 @@ class MoEMetrics:
         sums = {k: v.view(acc[k].shape) for k, v in zip(names, parts)}
         layers = self.layer_stats(sums.pop('counts').view(self.n_moe, self.E), sums.pop('drop') / n,
                                   sums.pop('entropy') / n)
-        ce, loss = sums.pop('ce').item() / n, sums.pop('loss').item() / n
-        return {'ce': ce, 'loss': loss, 'losses': {k: v.item() / n for k, v in sums.items()}, 'layers': layers}
+        return {'ce': sums['ce'].item() / n, 'loss': sums['loss'].item() / n, 'layers': layers,
+                'losses': {k[1]: v.item() / n for k, v in sums.items() if isinstance(k, tuple)}}
 
     def layer_stats(self, counts, drop, entropy):
         """Per MoE layer: fraction of routed assignments per expert and the load summary."""
