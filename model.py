@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import generation
+from generation import KVCache  # noqa: F401
 from kernels import HAS_GROUPED_MM, GatherRows, fused_adamw_supported, grouped_mlp, use_grouped_mm  # noqa: F401
 
 # ----------------------------------------------------------------------------- config
-
 
 @dataclass
 class MoEGPTConfig:
@@ -49,8 +50,7 @@ class MoEGPTConfig:
     rope_theta: float = 10000.0  # rope: the base of the rotation frequencies
     n_kv_head: Optional[int] = None  # grouped-query attention: key/value heads; None = n_head
     head_dim: Optional[int] = None  # width of one head; None = n_embd // n_head (Qwen3-MoE sets its own)
-    qk_norm: Literal['none', 'head', 'proj'] = 'none'  # head: RMSNorm per head (Qwen3); proj: over the
-    # whole q and k projections, before the split into heads (OLMoE)
+    qk_norm: Literal['none', 'head', 'proj'] = 'none'  # head: RMSNorm per head (Qwen3); proj: per projection (OLMoE)
     qkv_bias: Optional[bool] = None  # bias of the q/k/v projection; None = bias (Qwen2: True, bias=False)
     attn_out_bias: Optional[bool] = None  # bias of attention's output projection; None = bias
     tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2); False = its own matrix
@@ -59,21 +59,18 @@ class MoEGPTConfig:
     top_k: int = 2
     moe_every: int = 1  # every N-th block (after moe_first_dense) is an MoE block
     moe_first_dense: int = 0  # the first K blocks stay dense
-    dense_hidden: Optional[int] = None  # MLP width of the dense blocks of an MoE model; None = 4*n_embd
-    # (a dense model, n_experts=1, has expert_hidden wide MLPs)
+    dense_hidden: Optional[int] = None  # MLP width of an MoE model's dense blocks; None = 4*n_embd
     expert_hidden: Optional[int] = None  # hidden width of one expert; None = 4*n_embd // granularity
     granularity: int = 1  # DeepSeekMoE's fine-grained split m: experts 1/m as wide (use m x n_experts, top_k)
     activation: Literal['gelu', 'gelu_tanh', 'relu', 'silu', 'swish', 'tanh', 'swiglu'] = 'gelu'
     moe_dropout: Optional[float] = None  # dropout on the MoE output; None = use dropout
     capacity_factor: float = 0.0  # 0 = dropless; >0 = Switch capacity, overflow dropped
     eval_capacity_factor: Optional[float] = None  # in eval mode; None = same as capacity_factor
-    capacity_priority: Literal['position', 'choice'] = 'position'  # which assignments capacity keeps:
-    # position (earlier positions first: causal) | choice (GShard: every first choice of the batch
-    # first; a token's own future can drop it, so not causal: warned)
-    capacity_scope: Literal['micro_batch', 'sequence'] = 'micro_batch'  # slots per expert counted over
-    # the micro-batch (GShard) | per sequence (HF's Switch Transformers)
-    norm_topk_prob: Optional[bool] = None  # renormalise the k gates to sum to 1 (Mixtral); None = when
-    # top_k > 1 (one renormalised gate is 1.0: the router would get no gradient from the LM loss)
+    capacity_priority: Literal['position', 'choice'] = 'position'  # what capacity keeps first: earlier
+    # positions (causal) | GShard's first choices of the whole batch (a token's future can drop it: warned)
+    capacity_scope: Literal['micro_batch', 'sequence'] = 'micro_batch'  # slots per micro-batch | per sequence (HF)
+    norm_topk_prob: Optional[bool] = None  # renormalise the k gates (Mixtral); None = if top_k > 1 (a lone
+    # renormalised gate is 1.0, and the router would get no gradient from the LM loss)
     router_fp32: bool = True  # router matmul + softmax in fp32 even under autocast
     router_init_std: float = 0.01  # small router init: near-uniform routing at step 0 (seed 002)
     aux_loss_coef: float = 0.01  # weight of LOSSES['aux'], the Switch load-balancing loss
@@ -85,9 +82,8 @@ class MoEGPTConfig:
     bias_update_rate: float = 0.001  # aux-free balancing: expert_bias step per optimizer step
     balance_scope: Literal['micro_batch', 'sequence', 'global'] = 'micro_batch'  # the aux loss's f over
     # the micro-batch | each sequence | the global batch (counts summed over all ranks)
-    aux_loss_layers: Literal['mean', 'pooled'] = 'mean'  # mean of the per-layer aux losses | pooled (HF:
-    # the layers' counts and probabilities pooled before the f*P product). HF's router_aux_loss_coef c
-    # is our aux_loss_coef top_k*c (HF's f sums to top_k, ours to 1; tests/test_hf.py proves it)
+    aux_loss_layers: Literal['mean', 'pooled'] = 'mean'  # mean of the layers' aux losses | pooled (HF's:
+    # counts and probabilities pooled over layers; HF's router_aux_loss_coef c is our top_k*c)
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output x sigmoid(x W), W: D -> 1
     routed_scaling_factor: float = 1.0  # DeepSeek-V3: the routed experts' gates x this
     n_group: int = 1  # group-limited routing (DeepSeek-V3): experts in n_group equal groups; a token
@@ -160,22 +156,16 @@ class MoEGPTConfig:
 
     @property
     def causal(self):
-        """Whether a token's output depends only on tokens at its position or earlier, in any
-        sequence of the micro-batch: what a causal LM needs. The router declares its own; capacity
-        with capacity_priority='choice' breaks it (a later token's first choice can drop an earlier
-        token's second), except per sequence with top-1, where choice order is position order.
-        tests/test_causality.py probes it."""
-        if self.n_experts == 1:
-            return True
-        if not ROUTERS[self.router].causal:
-            return False
-        return (not self.has_capacity or self.capacity_priority == 'position'
-                or (self.capacity_scope == 'sequence' and self.top_k == 1))
+        """Whether a token's output depends only on tokens at its position or earlier, in any sequence
+        of the micro-batch. The router declares its own; capacity_priority='choice' breaks it, except per
+        sequence with top-1 (choice order is then position order). tests/test_causality.py probes it."""
+        return self.n_experts == 1 or ROUTERS[self.router].causal and (
+            not self.has_capacity or self.capacity_priority == 'position'
+            or (self.capacity_scope == 'sequence' and self.top_k == 1))
 
     @property
     def batch_dependent(self):
-        """Whether a token's output depends on the other sequences of its micro-batch: then the same
-        text can give other logits in another batch."""
+        """Whether a token's output depends on the other sequences of its micro-batch."""
         return self.n_experts > 1 and (ROUTERS[self.router].batch_dependent
                                        or (self.has_capacity and self.capacity_scope == 'micro_batch'))
 
@@ -189,7 +179,7 @@ class MoEGPTConfig:
 
 
 # The fields a resumed run (or a model loaded from a native directory) may change: training settings.
-# Every other field is fixed by the checkpoint. train.py and hf.py derive their rules from this set.
+# A checkpoint fixes every other field. train.py and hf.py derive their rules from this one set.
 TUNABLE = frozenset({
     'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'capacity_priority', 'capacity_scope',
     'aux_loss_coef', 'z_loss_coef', 'balance_scope', 'aux_loss_layers', 'expert_impl', 'router_fp32',
@@ -248,19 +238,6 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, one entry per layer (generation only).
-    Passed into forward and filled in place: it belongs to the caller, not to the model.
-    With rope the keys are cached rotated: a new token's position is the cache length."""
-
-    def __init__(self, n_layer):
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-
-    def __len__(self):
-        return 0 if self.k[0] is None else self.k[0].shape[2]
-
-
 class CausalSelfAttention(nn.Module):
     """nanoGPT's attention (one c_attn for q, k, v; c_proj out), plus the Llama-family options:
     grouped-query attention (n_kv_head), rope, QK-norm and separate q/k/v and output biases."""
@@ -311,8 +288,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-
-# ----------------------------------------------------------------------------- router
+# ----------------------------------------------------------------------------- router and its losses
 
 class Routing(NamedTuple):
     """What every router returns. Rows are (token, expert, gate) assignments, any number per token,
@@ -468,7 +444,6 @@ def limit_to_groups(select_TE, n_group, topk_group):
     return select_TGM.masked_fill(~keep_TG.unsqueeze(-1), float('-inf')).view(T, E)
 
 
-# ----------------------------------------------------------------------------- losses
 # A loss term is a function of the layer and its routing, registered by name; MoEGPT's loss is
 # ce + sum over terms of config.<name>_loss_coef * (the term's mean over the MoE layers).
 
@@ -553,8 +528,7 @@ class GroupedExperts(nn.Module):
         F_ = 2 * H if config.activation == 'swiglu' else H
         self.w1_EDF = nn.Parameter(torch.empty(E, D, F_))
         self.w2_EHD = nn.Parameter(torch.empty(E, H, D))
-        # Finite values for a layer built on its own (tests, bench.py); MoEGPT re-initialises them.
-        # fork_rng: the global CPU RNG stream, and so every seeded model init, stays as it was.
+        # finite values for a layer built alone (tests, bench.py); fork_rng: seeded model inits stay as they were
         with torch.random.fork_rng(devices=[]):
             torch.nn.init.normal_(self.w1_EDF, std=0.02)
             torch.nn.init.normal_(self.w2_EHD, std=0.02)
@@ -632,8 +606,8 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         r = self.router(x_TD)                                                 # Routing: (token, expert, gate) rows
         N = r.expert_N.shape[0]
-        counts_E = x_TD.new_zeros(E + 1, dtype=torch.long).index_add_(       # (E,) rows per expert, demand
-            0, r.expert_N, torch.ones_like(r.expert_N))[:E]
+        counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(  # (E,) rows per expert
+            0, r.expert_N, torch.ones_like(r.expert_N))
         cf = self.router.current_capacity_factor() if self.router.spec.capacity else 0
         expert_N, kept_counts_E, kept_N1 = r.expert_N, counts_E, None
         if cf > 0:                                                            # over capacity: expert E, sorts last
@@ -669,15 +643,10 @@ class MoELayer(nn.Module):
         aux = {'losses': {name: LOSSES[name](self, r, counts_E, S) for name in self.losses}}
         if self.aux_loss_layers == 'pooled':  # MoEGPT pools counts and P over the layers (HF's loss)
             aux['balance'] = (self.balance_counts(counts_E), r.probs_TE.mean(dim=0))
-        with torch.no_grad():
-            aux['expert_counts'] = counts_E.float()
-            if r.dropped is not None:
-                aux['drop_frac'] = r.dropped.float()
-            elif cf > 0:
-                aux['drop_frac'] = 1.0 - kept_counts_E.sum().float() / N
-            else:
-                aux['drop_frac'] = x_TD.new_zeros((), dtype=torch.float32)
-            aux['router_entropy'] = -(r.probs_TE * r.probs_TE.clamp_min(1e-20).log()).sum(-1).mean().float()
+        with torch.no_grad():  # statistics: demand per expert, dropped fraction, router entropy
+            drop = r.dropped if r.dropped is not None else 1.0 - kept_counts_E.sum() / N if cf > 0 else x_TD.new_zeros(())
+            aux.update(expert_counts=counts_E.float(), drop_frac=drop.float(),
+                       router_entropy=-(r.probs_TE * r.probs_TE.clamp_min(1e-20).log()).sum(-1).mean().float())
         if return_intermediate:
             aux['routing'] = {'router_logits': r.logits_TE.view(B, S, E), 'router_probs': r.probs_TE.view(B, S, E),
                               'token_N': r.token_N, 'expert_N': r.expert_N, 'gate_N': r.gate_N}
@@ -687,13 +656,11 @@ class MoELayer(nn.Module):
         return out_BSD, aux
 
     def apply_capacity(self, r, counts_E, capacity_factor, B, S):
-        """Switch/GShard capacity: each expert (or each (sequence, expert) pair, capacity_scope='sequence')
-        keeps its first ceil(cf * rows / slots) rows in priority order; the rest get expert id E, so they
-        sort past every expert and are computed as zero. Priority 'choice' (GShard): every first choice
-        of the micro-batch before any second choice; a token's second choice can then be dropped by a
-        *later* token's first choice: the future leaks in. 'position' (causal): all rows of position s
-        before those of s+1, so a token's drops depend only on tokens at its position or earlier.
-        Returns the expert of each row (E if dropped) and the kept rows per expert."""
+        """Switch/GShard capacity: each expert (per sequence with capacity_scope='sequence') keeps its first
+        ceil(cf * rows / slots) rows in priority order: 'position' (all of position s before s+1: causal)
+        or 'choice' (GShard: every first choice of the micro-batch before any second, so a *later* token
+        can drop an earlier token's second choice). Returns each row's expert (E if dropped, so it sorts
+        past every expert and computes zero) and the kept rows per expert."""
         E, T, N = self.n_experts, B * S, r.expert_N.shape[0]
         token_N = r.token_N
         if r.k:  # j: which choice of its token a row is (0 = first)
@@ -815,10 +782,9 @@ class MoEGPT(nn.Module):
         return [b.mlp for b in self.transformer.h if b.is_moe]
 
     def get_num_params(self, non_embedding=True, experts_per_token=None):
-        """Total and active parameter counts. non_embedding drops the position embeddings (the token
-        embeddings stay counted when tied to lm_head, as in nanoGPT; untied, they are a lookup and
-        are dropped too, lm_head stays). experts_per_token: a measured mean (dynamic-k routers)
-        instead of the router's declared one."""
+        """Total and active parameter counts. non_embedding drops the position embeddings (and untied
+        token embeddings, a lookup; tied ones count as lm_head, as in nanoGPT). experts_per_token: a
+        measured mean (dynamic-k routers) instead of what the router declares."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if 'wpe' in self.transformer:
@@ -873,10 +839,9 @@ class MoEGPT(nn.Module):
                 auxes.append(aux)
         x = self.transformer.ln_f(x)
 
-        E = self.config.n_experts
-        stats = {'expert_counts': torch.stack([a['expert_counts'] for a in auxes]) if auxes else x.new_zeros(0, E),
-                 'drop_frac': torch.stack([a['drop_frac'] for a in auxes]) if auxes else x.new_zeros(0),
-                 'router_entropy': torch.stack([a['router_entropy'] for a in auxes]) if auxes else x.new_zeros(0)}
+        stack = lambda key, *shape: torch.stack([a[key] for a in auxes]) if auxes else x.new_zeros(0, *shape)
+        stats = {'expert_counts': stack('expert_counts', self.config.n_experts), 'drop_frac': stack('drop_frac'),
+                 'router_entropy': stack('router_entropy')}
         # each loss term: its mean over the MoE layers, or HF's pooled balance loss (aux_loss_layers='pooled')
         losses = {name: torch.stack([a['losses'][name] for a in auxes]).mean() for name in auxes[0]['losses']} if auxes else {}
         if auxes and 'balance' in auxes[0]:
@@ -909,13 +874,10 @@ class MoEGPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, foreach=None):
-        """AdamW; matmul weights, stacked experts and embeddings decay, biases and norms don't
-        (nanoGPT's rule). Fused wherever torch has the kernel (CUDA; CPU since torch 2.4, where it
-        is 8x faster than the per-tensor loop on the stacked experts: 10.9 -> 1.3 ms per step at the
-        CPU recipe's 8 experts, torch 2.13, 1 thread). Fused and foreach AdamW update a whole param
-        group in one multi-tensor call, which can't mix plain tensors with FSDP2's DTensors
-        ("got mixed torch.Tensor and DTensor": FSDP2 + expert parallelism, whose expert shards stay
-        plain), so each kind gets param groups of its own. foreach: force it (tests)."""
+        """AdamW; matmul weights, stacked experts and embeddings decay, biases and norms don't (nanoGPT's
+        rule). Fused wherever torch has the kernel (the CPU too: docs/performance.md). A fused or foreach
+        call can't mix plain tensors with FSDP2's DTensors (FSDP2 + expert parallelism, whose expert
+        shards stay plain), so each kind gets param groups of its own. foreach: force it (tests)."""
         groups = {}
         for name, p in self.named_parameters():
             if p.requires_grad:  # the experts' stacked biases are 2-D, and still biases
@@ -926,78 +888,21 @@ class MoEGPT(nn.Module):
         extra = dict(fused=True) if fused_adamw_supported(device_type) and not foreach else dict(foreach=foreach)
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra)
 
-    def flops_per_token(self):
-        """Training FLOPs (forward + backward) per token of a full block_size sequence: 6 x the
-        active parameters plus attention's 12*L*H*Q*T (PaLM appendix B)."""
+    def flops_per_token(self, experts_per_token=None):
+        """Training FLOPs (forward + backward) per token of a full block_size sequence: 6 x the active
+        parameters plus attention's 12*L*H*Q*T (PaLM appendix B)."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
-        return 6 * self.get_num_params().active + 12 * L * H * Q * T
+        return 6 * self.get_num_params(experts_per_token=experts_per_token).active + 12 * L * H * Q * T
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, experts_per_token=None):
         """Model FLOPs utilisation on *active* parameters against peak_flops (hardware.py)."""
-        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        flops_per_iter = self.flops_per_token(experts_per_token) * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  return_routing=False):
-        """Sample max_new_tokens after idx (B, S). temperature=0 is greedy. top_k / top_p filter the
-        distribution. use_cache: a KV cache, so the prompt is processed once and then one token per
-        step. Past block_size, learned absolute positions can't slide in place: the uncached path
-        recomputes the last block_size tokens every step (nanoGPT); the cached path refills the cache
-        with the last block_size//2 tokens and goes on from there (each token then sees between
-        block_size//2 and block_size tokens; rope models too, their positions restarting at 0).
-        Both agree token for token while the sequence fits.
-        return_routing: also return the top-k expert ids of every generated token in every MoE layer,
-        a LongTensor (max_new_tokens, n_moe_layers, B, top_k)."""
-        bs = self.config.block_size
-        routing = []
-        if any(not m.router.spec.causal for m in self.moe_layers()):
-            # A router that ranks tokens across the sequence (expert choice): one cached token at a time
-            # can't reproduce that, so rerun the context every step, the same batch-level rule as training.
-            if return_routing:
-                raise ValueError(f'return_routing: expert-choice style routing (router={self.config.router}) has no '
-                                 'per-token top-k experts')
-            use_cache = False
+        """Sample max_new_tokens after idx (B, S), with a KV cache by default (generation.py)."""
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, return_routing)
 
-        def step(tokens, cache):
-            logits, _, stats = self(tokens, kv_cache=cache, return_intermediate=return_routing)
-            if return_routing:  # routing of the last input position, i.e. the newest token
-                routing.append(torch.stack([r['topk_ids'][:, -1] for r in stats['routing']]))
-            return logits[:, -1, :]
-
-        cache = KVCache(self.config.n_layer) if use_cache else None
-        logits = step(idx[:, -bs:], cache)
-        routing.clear()  # the prompt's routing is not asked for
-        for i in range(max_new_tokens):
-            idx_next = self.sample_next(logits, temperature, top_k, top_p)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if i == max_new_tokens - 1 and not return_routing:
-                break  # the last token needs a forward only to report its routing
-            if not use_cache:
-                logits = step(idx[:, -bs:], None)
-            elif len(cache) + 1 > bs:  # cache full: refill with the last half block
-                cache = KVCache(self.config.n_layer)
-                logits = step(idx[:, -(bs // 2):], cache)
-            else:
-                logits = step(idx_next, cache)
-        if return_routing:
-            return idx, torch.stack(routing) if routing else idx.new_zeros(0, len(self.moe_layers()), idx.size(0), self.config.top_k)
-        return idx
-
-    @staticmethod
-    def sample_next(logits_BV, temperature=1.0, top_k=None, top_p=None):
-        """One token per row from logits: greedy at temperature 0, else top-k / nucleus sampling."""
-        if temperature == 0:
-            return logits_BV.argmax(dim=-1, keepdim=True)
-        logits_BV = logits_BV.float() / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits_BV, min(top_k, logits_BV.size(-1)))
-            logits_BV[logits_BV < v[:, [-1]]] = -float('Inf')
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, sorted_idx = torch.sort(logits_BV, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-            remove = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
-            sorted_logits[remove] = -float('Inf')
-            logits_BV = torch.full_like(logits_BV, -float('Inf')).scatter(1, sorted_idx, sorted_logits)
-        return torch.multinomial(torch.softmax(logits_BV, dim=-1), num_samples=1)
+    sample_next = staticmethod(generation.sample_next)

@@ -502,3 +502,18 @@ def test_compiled_model_trains_like_eager(n_experts):
     assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(ce0, ce1, atol=1e-5)
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.filterwarnings('ignore:router=softmax')
+@pytest.mark.parametrize('name', ['moe_top2', 'switch_cf', 'sigmoid'])
+def test_checkpoints_of_the_previous_model_py_load_and_compute_the_same(name):
+    """tests/data/old_checkpoints.pt was written by model.py before the routing redesign (commit
+    a06ed8d): its model_args (capacity_priority='choice' and norm_topk_prob=True, the old defaults,
+    written out) build the same model, its state_dict loads strictly, and the logits and loss are the
+    old code's."""
+    old = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'old_checkpoints.pt'))[name]
+    model = MoEGPT(MoEGPTConfig(**old['model_args'])).eval()
+    model.load_state_dict(old['model'])
+    logits, loss, _ = model(old['idx'], old['idx'])
+    assert torch.allclose(logits, old['logits'], atol=1e-6, rtol=0)
+    assert loss.item() == pytest.approx(old['loss'].item(), abs=1e-6)
