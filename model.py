@@ -377,7 +377,7 @@ class Router(nn.Module):
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
         if self.config.routed_scaling_factor != 1.0:
             gates_TK = gates_TK * self.config.routed_scaling_factor
-        token_N = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
+        token_N = torch.arange(T * K, device=ids_TK.device) // K                  # row t*K + j is token t's
         return Routing(token_N, ids_TK.reshape(-1), gates_TK.reshape(-1), logits_TE, probs_TE, k=K)
 
 
@@ -663,26 +663,27 @@ class MoELayer(nn.Module):
         past every expert and computes zero) and the kept rows per expert."""
         E, T, N = self.n_experts, B * S, r.expert_N.shape[0]
         token_N = r.token_N
-        if r.k:  # j: which choice of its token a row is (0 = first)
-            j_N = torch.arange(N, device=token_N.device) % r.k
-        else:
-            j_N = self.rank_in_bucket(token_N, torch.bincount(token_N, minlength=T))
-        if self.capacity_priority == 'position':
-            key_N = ((token_N % S) * E + j_N) * B + token_N // S                 # (s, j, b) order
-        else:
-            key_N = j_N * T + token_N                                             # (j, t) order
+        if r.k:  # k rows per token, token-major: the priority order is a transpose
+            a_BSK = torch.arange(N, device=token_N.device).view(B, S, r.k)
+            order_P = (a_BSK.permute(1, 2, 0) if self.capacity_priority == 'position'   # (s, j, b) order
+                       else a_BSK.view(T, r.k).t()).reshape(-1)                         # (j, t) order
+        else:  # j: which choice of its token a row is (0 = first)
+            j_N = self.rank_in_bucket(token_N, torch.zeros(T, dtype=torch.long, device=token_N.device).index_add_(
+                0, token_N, torch.ones_like(token_N)))
+            key_N = ((token_N % S) * E + j_N) * B + token_N // S if self.capacity_priority == 'position' else j_N * T + token_N
+            order_P = torch.argsort(key_N)                                     # rows in priority order
+        bucket_N, counts_K = r.expert_N, counts_E                                # slots: (expert) or (sequence, expert)
         if self.capacity_scope == 'sequence':
-            bucket_N, n_buckets, slots = token_N // S * E + r.expert_N, B * E, B * E
-        else:
-            bucket_N, n_buckets, slots = r.expert_N, E, E
-        capacity = math.ceil(capacity_factor * N / slots)
-        order_P = torch.argsort(key_N)                                         # rows in priority order
+            bucket_N = token_N // S * E + r.expert_N
+            counts_K = torch.zeros(B * E, dtype=torch.long, device=token_N.device).index_add_(
+                0, bucket_N, torch.ones_like(bucket_N))
+        capacity = math.ceil(capacity_factor * N / counts_K.numel())
         bucket_P = bucket_N.index_select(0, order_P)
-        counts_K = torch.zeros(n_buckets, dtype=torch.long, device=token_N.device).index_add_(
-            0, bucket_P, torch.ones_like(bucket_P))
         kept_P = self.rank_in_bucket(bucket_P, counts_K) < capacity
         kept_N = torch.empty_like(kept_P).scatter_(0, order_P, kept_P)
-        kept_counts_E = counts_K.clamp(max=capacity).view(-1, E).sum(0)
+        kept_counts_E = counts_K.clamp(max=capacity)
+        if self.capacity_scope == 'sequence':
+            kept_counts_E = kept_counts_E.view(B, E).sum(0)
         return torch.where(kept_N, r.expert_N, E), kept_counts_E
 
     @staticmethod
