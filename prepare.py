@@ -213,7 +213,8 @@ def find_tinyshakespeare(data_dir, name, input=None):
             raw = r.read()
     except Exception as e:  # URLError, timeouts, HTTP errors: all mean "get the file another way"
         raise DataError(f'could not download tinyshakespeare from {TINYSHAKESPEARE_URL} ({e}). Offline? '
-                        f'Put input.txt at {dest} or pass --input /path/to/input.txt') from None
+                        f'Put the text there with: mkdir -p {dest.parent} && cp /path/to/input.txt {dest} '
+                        f'(or pass --input /path/to/input.txt)') from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f'.input.txt.{os.getpid()}.tmp')
     tmp.write_bytes(raw)

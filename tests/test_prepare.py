@@ -145,7 +145,8 @@ def test_never_looks_beside_the_repo(tmp_path, tinyshakespeare):
         assert r.stdout.startswith('downloading tinyshakespeare from https://'), r.stdout
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith('prepare.py: error: could not download tinyshakespeare'), err
-        assert 'Put input.txt at data/shakespeare_char/input.txt or pass --input /path/to/input.txt' in err[0]
+        assert ('Put the text there with: mkdir -p data/shakespeare_char && cp /path/to/input.txt '
+                'data/shakespeare_char/input.txt (or pass --input /path/to/input.txt)') in err[0]  # a fresh clone has no folder
         assert listing(cwd / 'data') == []
 
 
