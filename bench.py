@@ -44,6 +44,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hardware
 from model import MoEGPT, MoEGPTConfig, MoELayer, activation_fn
@@ -293,6 +294,28 @@ class DenseMLP(torch.nn.Module):
         return activation_fn(self.activation, x @ self.w1 + self.b1) @ self.w2 + self.b2
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it: on a GPU, eager, each is a kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn, x, grad_out):
+    """(forward, backward) aten op counts of one call of fn(x) and its backward with grad_out."""
+    x = x.detach().requires_grad_(True)
+    with OpCounter() as fwd:
+        y = fn(x)
+    with OpCounter() as bwd:
+        y.backward(grad_out)
+    return fwd.n, bwd.n
+
+
 def fwd_bwd(fn, x, grad_out, params):
     """One forward+backward with a fixed output gradient; grads of the input and weights are
     computed (as inside a network) and dropped before the next call."""
@@ -414,12 +437,16 @@ def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, bu
             base_c = torch.compile(base)
             fns['baseline+compile'] = lambda: fwd_bwd(lambda v: base_c(v)[0], x, g, bp)
     t = time_interleaved(fns, device, repeats)
+    ops = {'ours': count_ops(ours(layer, auto_impl), x, g), 'dense': count_ops(dense, x, g)}
+    if baseline is not None:
+        ops['baseline'] = count_ops(lambda v: base(v)[0], x, g)
+    layer.zero_grad(set_to_none=True)
     t['ours'] = t[auto_impl]  # 'auto' runs exactly the impl it resolves to: same code, same time
     row = dict(n_embd=D, moe=shape_name, n_experts=E, top_k=K, expert_hidden=H,
                dense_hidden=K * H, tokens=T, auto_impl=auto_impl,
                onehot_capacity=onehot_capacity(T, E, K, CAPACITY_FACTOR),
                onehot_gib=need / 2**30, onehot_note=onehot_note,
-               ms={k: v * 1e3 for k, v in t.items()})
+               ms={k: v * 1e3 for k, v in t.items()}, ops=ops)
     row['speedup_vs_tutorial'] = t['tutorial'] / t['ours']
     row['speedup_vs_onehot'] = t['onehot'] / t['ours'] if 'onehot' in t else None
     row['ours_vs_dense'] = t['dense'] / t['ours']  # >= 0.85 is the goal; 1.0 = as fast as dense
@@ -684,6 +711,9 @@ def print_report(res):
                 row += [fmt(ms['baseline+compile'], '.1f'), fmt(r['compiled_vs_baseline_compiled']) + 'x']
         rows.append([str(c) for c in row])
     print_table(hdr, rows)
+    print('aten ops per call, forward + backward (a GPU launches one kernel each, eager): ' + '; '.join(
+        f"{r['moe']} {r['tokens']} tokens: " + ', '.join(f'{k} {f} + {b}' for k, (f, b) in r['ops'].items())
+        for r in res['layer']))
 
     print('\n## 2. training step (fwd+bwd+AdamW), ' + res['model_cfg_desc'])
     print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'MFU(active)', 'speed vs dense'],

@@ -148,3 +148,16 @@ def test_recipe_step_reports_moe_floor_and_dense():
     assert [r['model'] for r in rows] == list(bench.model_configs(mcfg))
     assert all(r['vs_dense'] > 0 for r in rows[:2]) and 'vs_dense' not in rows[2]
     assert rows[0]['params_active'] == rows[1]['params_active']
+
+
+def test_count_ops_counts_each_aten_call_forward_and_backward():
+    """bench.count_ops: a*b + c is 2 ops forward (mul, add); its backward, for x's gradient only, a
+    mul by b; one more add is one more op; and the layer row reports counts for ours and dense, dense far fewer."""
+    b, c = torch.randn(3), torch.randn(3)
+    fwd, bwd = bench.count_ops(lambda v: v * b + c, torch.randn(3), torch.ones(3))
+    assert fwd == 2 and bwd >= 1
+    fwd3, _ = bench.count_ops(lambda v: v * b + c + c, torch.randn(3), torch.ones(3))
+    assert fwd3 == fwd + 1
+    row = bench.bench_layer(16, '8e-top2', 64, torch.device('cpu'), torch.float32, 1, False, False)
+    assert set(row['ops']) == {'ours', 'dense'}
+    assert row['ops']['dense'][0] < row['ops']['ours'][0] and row['ops']['dense'][1] < row['ops']['ours'][1]
