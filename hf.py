@@ -286,8 +286,21 @@ def _native_dir(name_or_path):
     return c if c.get('model_type') == NATIVE_TYPE else None
 
 
+# The GPT-2 hub checkpoints' shapes (nanoGPT's table; the rest is GPT2Config's defaults): their config
+# without the network, so a dry run of train.py --init_from=gpt2 checks it offline (load_config).
+GPT2_HUB = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+            'gpt2-xl': (48, 25, 1600)}
+
+
 def _hf_config(name_or_path):
-    return _transformers().AutoConfig.from_pretrained(name_or_path)
+    transformers = _transformers()
+    try:
+        return transformers.AutoConfig.from_pretrained(name_or_path)
+    except OSError:  # offline, or no such name
+        if name_or_path not in GPT2_HUB:
+            raise
+        n_layer, n_head, n_embd = GPT2_HUB[name_or_path]
+        return transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 
 
 def fixed_fields(name_or_path):

@@ -450,9 +450,10 @@ def test_unsupported_architectures_say_why():
         hf.config_args(t.OlmoeConfig(clip_qkv=8.0))
 
 
-def test_gpt2_from_pretrained_is_a_thin_call(hf_dirs):
+def test_gpt2_dir_loads_as_the_same_model(hf_dirs):
+    """hf.load of a GPT-2 save_pretrained dir (the one way in; model.py has no from_pretrained) is HF's model."""
     path, idx, ref = hf_dirs['gpt2']
-    model = MoEGPT.from_pretrained(path)
+    model = hf.load(path)
     assert model.config.activation == 'gelu_tanh' and model.config.n_experts == 1
     assert (logits_of(model, idx) - ref).abs().max().item() < 1e-5
 

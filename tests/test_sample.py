@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import hf
 from conftest import REPO
 from model import MoEGPT, MoEGPTConfig
 
@@ -111,9 +112,9 @@ def tiny_hf_gpt2(tmp_path_factory):
     return d, idx, logits
 
 
-def test_from_pretrained_matches_hf_logits(tiny_hf_gpt2):
+def test_hf_load_gpt2_matches_hf_logits(tiny_hf_gpt2):
     path, idx, ref = tiny_hf_gpt2
-    model = MoEGPT.from_pretrained(str(path)).eval()
+    model = hf.load(str(path)).eval()
     assert model.config.n_experts == 1 and model.config.activation == 'gelu_tanh'
     logits, _, _ = model(idx, idx)
     assert (logits - ref).abs().max().item() < 1e-5
@@ -122,7 +123,7 @@ def test_from_pretrained_matches_hf_logits(tiny_hf_gpt2):
 @pytest.mark.parametrize('top_k', [1, 2])
 def test_upcycled_model_matches_dense_at_step0(tiny_hf_gpt2, top_k):
     path, idx, ref = tiny_hf_gpt2
-    model = MoEGPT.from_pretrained(str(path), n_experts=8, top_k=top_k).eval()
+    model = hf.load(str(path), n_experts=8, top_k=top_k).eval()
     assert len(model.moe_layers()) == 3
     moe = model.moe_layers()[1]
     assert torch.equal(moe.experts.w1_EDF[0], moe.experts.w1_EDF[7])  # every expert a copy
@@ -130,15 +131,15 @@ def test_upcycled_model_matches_dense_at_step0(tiny_hf_gpt2, top_k):
     assert (logits - ref).abs().max().item() < 1e-5
     assert stats['expert_counts'].sum().item() == 3 * idx.numel() * top_k
     # noise on the copies makes the experts differ, and the function moves away from the dense one
-    noisy = MoEGPT.from_pretrained(str(path), n_experts=8, top_k=top_k, upcycle_noise=0.05).eval()
+    noisy = hf.load(str(path), n_experts=8, top_k=top_k, upcycle_noise=0.05).eval()
     moe = noisy.moe_layers()[1]
     assert not torch.equal(moe.experts.w1_EDF[0], moe.experts.w1_EDF[7])
     assert (noisy(idx, idx)[0] - ref).abs().max().item() > 1e-4
 
 
-def test_from_pretrained_refuses_shape_overrides(tiny_hf_gpt2):
+def test_hf_load_gpt2_refuses_shape_overrides(tiny_hf_gpt2):
     with pytest.raises(ValueError, match='n_embd'):
-        MoEGPT.from_pretrained(str(tiny_hf_gpt2[0]), n_embd=64)
+        hf.load(str(tiny_hf_gpt2[0]), n_embd=64)
 
 
 # ----------------------------------------------------------------------------- sample.py
