@@ -18,6 +18,7 @@ import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 
 class Guard:
@@ -56,7 +57,7 @@ class Guard:
                      else 'no checkpoint was saved by this run')
             print(f'train.py: error: {msg}\n  {where}', file=sys.stderr)
         if self.ddp:
-            torch.distributed.destroy_process_group()
+            dist.destroy_process_group()
         sys.exit(3)
 
     def check_weights(self, model, it):
@@ -67,7 +68,7 @@ class Guard:
             t = p.to_local() if hasattr(p, 'to_local') else p  # FSDP2: this rank's shard
             bad += (~torch.isfinite(t.detach())).any()
         if self.ddp:
-            torch.distributed.all_reduce(bad)
+            dist.all_reduce(bad)
         if bad.item() != 0:
             self.stop_run(f'iter {it}: the weights are not finite (NaN/Inf); not saving a checkpoint')
 
@@ -80,7 +81,7 @@ class Guard:
             bad |= ~torch.isfinite(grad_norm).to(bad.device)
         flags = torch.stack([bad.float(), torch.tensor(float(self.preempted is not None), device=self.device)])
         if self.ddp:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.skipped = flags[0]
         step_flags = (it, flags, step_loss, grad_norm)
         if not scaler.is_enabled() and optimizer.defaults.get('fused'):  # skip on the device, read late

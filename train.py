@@ -18,6 +18,8 @@ Config: the defaults below, then config files and --key=value overrides in the o
 (python train.py --help lists every key; --flag alone means --flag=True). Everything is checked before
 any work starts; --dry_run stops right there (world size and batch split, data, model config) and exits 0:
 $ torchrun --standalone --nproc_per_node=2 train.py config/moe_owt.py --dry_run
+The rest sits behind a few calls: train_config.py (the checks), hf.py (pretrained starts), parallel.py
+(DDP/EP/FSDP), guard.py (NaN/Inf and preemption), checkpoint.py (save, resume), metrics.py (logs).
 """
 import dataclasses
 import inspect
@@ -33,6 +35,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import checkpoint
 import configurator
@@ -413,7 +416,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
     if aux_free:  # the step's load over all micro-steps and processes (none if skipped): all move alike
         if ddp:
-            torch.distributed.all_reduce(step_counts)
+            dist.all_reduce(step_counts)
         raw_model.update_expert_bias(step_counts * (1 - guard.skipped))
     iters_since_log += 1
 
@@ -442,5 +445,5 @@ if wandb_log and master_process:
 if ddp:
     # wait until rank 0 has written its last checkpoint: a rank that tears gloo down while a peer is still
     # busy can abort at exit ("terminate called without an active exception", seen 1 in ~20 test runs)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -286,3 +286,24 @@ def test_train_init_from_gpt2_dense_and_upcycled(tmp_path, gpt2_offline, tinysha
     assert abs(val_ce['dense'][0] - val_ce['moe'][0]) < 1e-5, val_ce
     r = run('train.py', '--init_from=gpt2', '--device=cpu', f'--data_dir={shakespeare_char_dir}')  # char data
     assert r.returncode != 0 and 'needs a GPT-2 BPE dataset' in r.stderr
+
+
+def test_train_init_from_gpt2_hub_name_is_the_hf_branch(tmp_path, gpt2_offline, tinyshakespeare):
+    """init_from='gpt2' (a hub name) goes through the one pretrained branch (hf.load_config in a dry run,
+    hf.load otherwise). The four GPT-2 hub names' shapes are known, so the dry run of
+    config/upcycle_gpt2.py passes offline with GPT-2 small's shape; the real run needs the weights: one
+    line, exit 2, nothing written."""
+    pytest.importorskip('transformers')
+    from prepare import prepare
+    prepare('shakespeare', data_dir=tmp_path / 'data', input=tinyshakespeare)
+    out = tmp_path / 'out'
+    args = [sys.executable, 'train.py', 'config/upcycle_gpt2.py', f'--data_dir={tmp_path / "data"}', f'--out_dir={out}',
+            '--device=cpu', '--compile=False']
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf'), 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([*args, '--dry_run'], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and 'dry run: every check passed' in r.stdout, r.stderr[-2000:]
+    for want in ('n_layer=12', 'n_head=12', 'n_embd=768', 'vocab_size=50257', "activation='gelu_tanh'", 'n_experts=8'):
+        assert want in r.stdout, want
+    r = subprocess.run([*args, '--max_iters=0'], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "train.py: error: init_from='gpt2': cannot load it: OSError" in r.stderr, r.stderr
+    assert 'Traceback' not in r.stderr and not out.exists()
