@@ -151,9 +151,8 @@ device, device_type, device_here, dtype, compile, backend = train_config.resolve
 data_path, meta, data_dtype, n_tokens = train_config.load_data(data_dir, dataset, block_size)
 meta_vocab_size = int(meta['vocab_size'])
 
-# A pretrained start: GPT-2 ('gpt2', 'gpt2:PATH') or any family hf.py reads ('hf:...'). Its shape (and, for
-# an MoE checkpoint, its routing) comes from the checkpoint; the other model keys are overrides (n_experts > 1
-# on a dense checkpoint upcycles it), except the losses: unless set here they keep the checkpoint's (hf.py).
+# A pretrained start, GPT-2 or any family hf.py reads: the checkpoint fixes the shape (and an MoE's routing); the
+# other model keys override (n_experts > 1 upcycles a dense one), but the losses keep its own unless set here.
 pretrained, _fixed = None, set()
 if init_from.startswith(('gpt2', 'hf:')):
     check(not init_from.startswith('gpt2') or meta.get('tokenizer') == 'gpt2',
@@ -190,9 +189,10 @@ if master_process:
     print('config (resolved):')
     print(textwrap.fill('  '.join(f'{k}={v!r}' for k, v in config.items()), width=110, initial_indent='  ',
                         subsequent_indent='  ', break_long_words=False, break_on_hyphens=False))
-    print(f'world size {world_size}: {gradient_accumulation_steps} x {batch_size} = {gradient_accumulation_steps * batch_size} '
-          f'rows per iteration (gradient_accumulation_steps x batch_size), {rows_per_rank} per process as {ga_local} '
-          f'micro-step{"s" * (ga_local > 1)} of {micro_rows}; tokens per iteration {tokens_per_iter:,}')
+    print(f'world size {world_size}: {gradient_accumulation_steps} x {batch_size} = '
+          f'{gradient_accumulation_steps * batch_size} rows per iteration (gradient_accumulation_steps x batch_size), '
+          f'{rows_per_rank} per process as {ga_local} micro-step{"s" * (ga_local > 1)} of {micro_rows}; '
+          f'tokens per iteration {tokens_per_iter:,}')
     if device_type == 'cpu' and not eval_only:  # `python train.py` on a laptop: say so before a day of training
         _hint = train_config.cpu_hint(gptconf, tokens_per_iter, max_iters, torch.get_num_threads())
         print(_hint) if _hint else None
@@ -256,7 +256,6 @@ else:
     model = MoEGPT(gptconf)
 moe_layer_ids = [i for i in range(n_layer) if gptconf.is_moe_layer(i)]  # block index of each MoE layer
 n_moe, E = len(moe_layer_ids), n_experts
-# DeepSeek-V3 balancing: expert_bias follows each step's load
 aux_free = getattr(model, 'uses_expert_bias', n_moe > 0 and router == 'sigmoid')  # TODO merge: the property alone
 iter_num, best_val_loss = 0, float('inf')
 guard = Guard(max_bad_steps, device, ddp, master_process, ckpt_path)  # NaN/Inf and preemption
@@ -414,7 +413,7 @@ while True:
     stop = guard.step(iter_num, step_loss, grad_norm, optimizer, scaler)  # skipped if not finite on any rank
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
-    if aux_free:  # the step's load over all micro-steps and processes (none if skipped): all move alike
+    if aux_free:  # DeepSeek-V3's expert_bias follows the step's load, all micro-steps and ranks (none if skipped)
         if ddp:
             dist.all_reduce(step_counts)
         raw_model.update_expert_bias(step_counts * (1 - guard.skipped))
