@@ -1,5 +1,6 @@
 """
-Checkpoint files, shared by train.py and sample.py.
+Checkpoint files, shared by train.py and sample.py; save_run / restore_run are train.py's whole-run
+state (model, AdamW, GradScaler, RNGs, the data sampler), for any number of processes.
 
 Saving is atomic: the checkpoint is written to a temp file in the same directory, fsynced, and
 renamed over the target (os.replace is atomic on POSIX), so a crash mid-save leaves the previous
@@ -143,3 +144,36 @@ def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_run(path, model, optimizer, state, keep_last=1, sharded=False, master=True):
+    """train.py's save. Every rank calls it: with sharded state (EP, FSDP) the full model and optimizer
+    are gathered (a collective). Rank 0 writes path atomically: the model, the optimizer and `state`
+    (iter_num, configs, scaler, RNGs, ...), then keeps the keep_last newest."""
+    if sharded:
+        import parallel
+        model_sd, optim_sd = parallel.full_state_dict(model), parallel.full_optim_state_dict(model, optimizer)
+    elif master:
+        model_sd, optim_sd = strip_compile_prefix(model.state_dict()), optimizer.state_dict()
+    if master:
+        save({'format_version': FORMAT_VERSION, 'model': model_sd, 'optimizer': optim_sd, **state}, path)
+        keep_history(path, state['iter_num'], keep_last)
+
+
+def restore_run(ckpt, model, optimizer, scaler, data_gen, sharded=False, reseed=None):
+    """train.py's resume, after the model's weights are loaded and sharded and its optimizer built:
+    AdamW (the checkpoint holds the full state, whatever number of processes saved it), the GradScaler,
+    the data sampler, and the RNGs. Only rank 0's RNGs are saved: reseed (the other ranks) seeds fresh
+    dropout streams instead."""
+    if sharded:
+        import parallel
+        parallel.load_full_optim_state_dict(model, optimizer, ckpt['optimizer'])
+    else:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    if scaler.is_enabled() and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    data_gen.set_state(ckpt['sampler_state'])
+    if reseed is None:
+        set_rng_state(ckpt['rng'])
+    else:
+        torch.manual_seed(reseed)

@@ -1,6 +1,6 @@
 """
-What the machine can do, in one place for train.py, sample.py and bench.py: the dtype 'auto' picks,
-the peak FLOP/s that MFU is measured against, and the CPU allocator setting of a training run.
+What the machine can do, in one place for train.py, sample.py and bench.py: the device and dtype 'auto'
+pick, the peak FLOP/s that MFU is measured against, and the CPU allocator setting of a training run.
 """
 import ctypes
 import ctypes.util
@@ -46,6 +46,47 @@ def auto_dtype(device_type):
     if device_type != 'cuda':
         return 'float32'
     return 'bfloat16' if bf16_supported() else 'float16'
+
+
+# train.py's "this will be slow" note on the CPU: a rough fp32 training rate of one CPU thread (a recent
+# x86 core, MoE routing and AdamW included), good for an order of magnitude only, and the estimated
+# seconds per iteration above which train.py suggests the CPU recipe instead.
+CPU_FLOPS_PER_THREAD = 50e9
+CPU_HINT_SECONDS = 2.0
+
+
+class DeviceError(ValueError):
+    """A device or dtype this machine cannot run. The message is one line for the user."""
+
+
+def mps_available():
+    return getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(device='auto', dtype='auto', local_rank=None, absent_ok=False):
+    """The device and dtype a run uses: (device, device_type, dtype, here). device 'auto' = cuda, else
+    mps, else cpu; dtype 'auto' = auto_dtype. local_rank: a torchrun process's GPU ('cuda' -> 'cuda:N').
+    absent_ok: a device this machine lacks is no error (a dry run of a GPU job, from a laptop); it is
+    resolved as that device with native bf16 and here=False, and nothing may touch it.
+    Raises DeviceError."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if mps_available() else 'cpu'
+    device_type = 'cuda' if device.startswith('cuda') else device
+    here = {'cuda': torch.cuda.is_available, 'mps': mps_available}.get(device_type, lambda: True)()
+    if not here and not absent_ok:
+        raise DeviceError(f"device={device!r} but CUDA is not available: this torch sees no CUDA GPU (use "
+                          f"--device=cpu)" if device_type == 'cuda' else
+                          f"device={device!r} but MPS is not available (use --device=cpu)")
+    if local_rank is not None and device_type == 'cuda':
+        device = f'cuda:{local_rank}'
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device_type == 'cuda' and not here else auto_dtype(device_type)
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise DeviceError(f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
+    if dtype == 'bfloat16' and device_type == 'cuda' and here and not bf16_supported():
+        raise DeviceError("dtype='bfloat16' is not supported natively by this GPU (emulated bf16 is slow and "
+                          "is not compiled); use 'float16' (or 'auto')")
+    return device, device_type, dtype, here
 
 
 def gpu_peak_flops(name, dtype):

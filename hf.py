@@ -284,8 +284,21 @@ def _native_dir(name_or_path):
     return c if c.get('model_type') == NATIVE_TYPE else None
 
 
+# The GPT-2 hub checkpoints' shapes (nanoGPT's table; the rest is GPT2Config's defaults): their config
+# without the network, so a dry run of train.py --init_from=gpt2 checks it offline (load_config).
+GPT2_HUB = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+            'gpt2-xl': (48, 25, 1600)}
+
+
 def _hf_config(name_or_path):
-    return _transformers().AutoConfig.from_pretrained(name_or_path)
+    transformers = _transformers()
+    try:
+        return transformers.AutoConfig.from_pretrained(name_or_path)
+    except OSError:  # offline, or no such name
+        if name_or_path not in GPT2_HUB:
+            raise
+        n_layer, n_head, n_embd = GPT2_HUB[name_or_path]
+        return transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 
 
 def fixed_fields(name_or_path):
@@ -318,7 +331,7 @@ def load(name_or_path, upcycle_noise=0.0, **overrides):
     A dense checkpoint (GPT-2, Llama, Qwen2, Qwen3) with n_experts > 1 is sparse-upcycled
     (Komatsuzaki et al. 2022): every expert of an MoE block starts as a copy of that block's dense
     MLP (plus Gaussian noise of std upcycle_noise x the weight's std, if asked), the router small.
-    With the k gates renormalised (norm_topk_prob=True, the default) and no noise the upcycled
+    With the k gates renormalised (norm_topk_prob: the default for top_k > 1; top-1 must ask) and no noise the upcycled
     model computes exactly the dense one's function at step 0. Shared experts (n_shared_experts)
     start with their output projection at zero, so they add nothing at step 0 either.
 
@@ -342,7 +355,8 @@ def load(name_or_path, upcycle_noise=0.0, **overrides):
         sd_hf['transformer.wpe.weight'] = sd_hf['transformer.wpe.weight'][:config.block_size]
     upcycle = family in DENSE_FAMILIES and config.n_experts > 1
     if upcycle and not config.norm_topk_prob:
-        print('load: norm_topk_prob=False, so the upcycled model starts away from the dense one')
+        print('load: norm_topk_prob=False (the default for top_k=1), so the upcycled model starts away from the '
+              'dense one; norm_topk_prob=True keeps it, but then a top-1 router gets no gradient from the LM loss')
     model = MoEGPT(config)
     dense_cfg = MoEGPTConfig(**{**vars(config), 'n_experts': 1, 'shared_expert_gate': False, 'n_shared_experts': 0,
                                 'n_group': 1, 'topk_group': 1}) if upcycle else config

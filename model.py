@@ -751,8 +751,8 @@ class MoEGPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         if not config.causal:  # what makes it so is declared: by the router, or by capacity's priority
             why = ('each expert picks tokens across the whole batch, later positions included' if not
-                   ROUTERS[config.router].causal else f"capacity_priority='choice': a later token's first "
-                   f"choice can drop an earlier token's second")
+                   ROUTERS[config.router].causal else "capacity_priority='choice': a later token's first "
+                   "choice can drop an earlier token's second")
             warnings.warn(f'router={config.router}: {why}, so a causal LM trained with it sees the future; its '
                           'losses are not comparable with causal settings (docs/routing_zoo.md)')
         self.apply(self._init_weights)

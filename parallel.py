@@ -461,6 +461,58 @@ def apply_fsdp(model, mesh=None, reshard_after_forward=True, mp_policy=None):
     return model
 
 
+# ----------------------------------------------------------------------------- train.py's wiring
+
+def setup(backend, device, expert_parallel):
+    """A torchrun process joins the process group (and the EP groups when expert_parallel > 1).
+    Returns the EPGroups, or None."""
+    if str(device).startswith('cuda'):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return init_expert_parallel(expert_parallel) if expert_parallel > 1 else None
+
+
+def shard(model, ep_groups=None, fsdp=False):
+    """Keep this rank's experts (EP) and shard the rest (FSDP2): on the full (loaded) model, before the
+    optimizer is built (it must see the sharded parameters) and before torch.compile."""
+    if ep_groups is not None:
+        enable_expert_parallel(model, ep_groups)
+    if fsdp:
+        apply_fsdp(model)
+    return model
+
+
+def wrap(model, ddp, fsdp, device_ids=None):
+    """DDP around the (compiled) model of a data-parallel run. Not with FSDP, which reduces its own
+    gradients; EP's expert shards are left to reduce_expert_gradients (DDP would mix shards)."""
+    if not ddp or fsdp:
+        return model
+    if expert_params(model):
+        ddp_ignore_expert_params(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def sync_gradients(model, on):
+    """Reduce gradients in this backward or not: on only for the last micro-step of an iteration
+    (nanoGPT's no_sync). FSDP2's switch, DDP's flag; nothing to do on a single process."""
+    if hasattr(model, 'set_requires_gradient_sync'):
+        model.set_requires_gradient_sync(on)
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = on
+
+
+def finish_gradients(model, grad_clip, sharded):
+    """After an iteration's last backward (and the GradScaler's unscale): reduce the expert shards, then
+    clip the global grad norm to grad_clip (0: measure it, don't clip). sharded: EP or FSDP, whose norm
+    is taken over all ranks' shards. Returns the norm (a tensor)."""
+    raw = unwrap(model)
+    reduce_expert_gradients(raw)  # no-op without EP
+    max_norm = grad_clip if grad_clip != 0.0 else float('inf')
+    if sharded:
+        return clip_grad_norm_(raw, max_norm)
+    return torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
+
+
 def all_to_all_bytes_per_layer(tokens_local, top_k, n_embd, bytes_per_elem, ep_size):
     """Paper estimate of what one rank sends per MoE layer per training step: dispatch + combine in
     forward, their two reverses in backward, each ~T_local*K*D*bytes*(N-1)/N (uniform routing, no
@@ -473,4 +525,4 @@ __all__ = ['EPGroups', 'init_expert_parallel', 'all_to_all', 'ExpertParallelExpe
            'expert_parallel_modules', 'expert_params', 'ddp_ignore_expert_params', 'reduce_expert_gradients',
            'reduce_gradients', 'clip_grad_norm_', 'full_state_dict', 'load_full_state_dict',
            'full_optim_state_dict', 'load_full_optim_state_dict', 'apply_fsdp', 'all_to_all_bytes_per_layer',
-           'unwrap']
+           'unwrap', 'setup', 'shard', 'wrap', 'sync_gradients', 'finish_gradients']

@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import configurator
 import hardware
+import hf
 from model import MoEGPT, MoEGPTConfig
 from prepare import DataError, get_codec, load_meta
 
@@ -62,20 +63,11 @@ if compile:
     fail('--compile=True is not offered: compiled sampling recompiles for every layer and every KV-cache '
          'length and breaks the graph in attention, so it is slower than eager; sample without it')
 
-# device and dtype
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f'device={device} asked for, but this torch sees no CUDA GPU (use --device=cpu)')
-if device == 'mps' and not torch.backends.mps.is_available():
-    fail('device=mps asked for, but MPS is not available (use --device=cpu)')
-device_type = 'cuda' if device.startswith('cuda') else device
-if dtype == 'auto':
-    dtype = hardware.auto_dtype(device_type)  # native bf16 only: emulated bf16 (V100, T4) is slow
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
-if dtype == 'bfloat16' and device_type == 'cuda' and not hardware.bf16_supported():
-    fail("dtype='bfloat16' is not supported natively by this GPU (emulated bf16 is slow); use 'float16' or 'auto'")
+# device and dtype: resolved as train.py does (hardware.py)
+try:
+    device, device_type, dtype, _ = hardware.resolve_device(device, dtype)
+except hardware.DeviceError as e:
+    fail(e)
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -111,7 +103,7 @@ if init_from == 'resume':
 else:  # pretrained GPT-2: 'gpt2', 'gpt2-medium', ... or 'gpt2:PATH' for a save_pretrained directory
     name = init_from.split(':', 1)[1] if init_from.startswith('gpt2:') else init_from
     try:
-        model = MoEGPT.from_pretrained(name)
+        model = hf.load(name)
         encode, decode = get_codec({'tokenizer': 'gpt2'})
     except (ImportError, OSError, ValueError, DataError) as e:  # ValueError: a bad or unsupported checkpoint
         fail(f'cannot load {init_from!r}: {str(e).splitlines()[0]}')

@@ -18,29 +18,32 @@ Config: the defaults below, then config files and --key=value overrides in the o
 (python train.py --help lists every key; --flag alone means --flag=True). Everything is checked before
 any work starts; --dry_run stops right there (world size and batch split, data, model config) and exits 0:
 $ torchrun --standalone --nproc_per_node=2 train.py config/moe_owt.py --dry_run
+The rest sits behind a few calls: train_config.py (the checks), hf.py (pretrained starts), parallel.py
+(DDP/EP/FSDP), guard.py (NaN/Inf and preemption), checkpoint.py (save, resume), metrics.py (logs).
 """
 import dataclasses
 import json
 import math
 import os
-import re
 import shlex
-import signal
 import sys
-import tempfile
 import textwrap
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import checkpoint
 import configurator
 import hardware
+import parallel
+import train_config
+from guard import Guard
 from metrics import MoEMetrics, RunLog, trim_log
 from model import TUNABLE, MoEGPT, MoEGPTConfig
-from prepare import DataError, load_meta, prepare_command
+from train_config import check, die
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -114,18 +117,6 @@ key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at
 RESUME_TUNABLE = TUNABLE  # model.py says which fields a checkpoint fixes
 
 
-def die(msg):
-    """Bad input: one clear message, exit code 2, no traceback, nothing written."""
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(f'train.py: error: {msg}', file=sys.stderr)
-    sys.exit(2)
-
-
-def check(ok, msg):
-    if not ok:
-        die(msg)
-
-
 sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once under nohup / tee / slurm
 if any(a in ('-h', '--help') for a in sys.argv[1:]):
     print(configurator.usage({k: globals()[k] for k in config_keys}))
@@ -137,139 +128,35 @@ except configurator.ConfigError as e:
 globals().update(_config)
 
 # ----------------------------------------------------------------------------- validate (before any work)
-check(init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or init_from.startswith('hf:'),
-      f"init_from={init_from!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...), "
-      f"'gpt2:PATH' or 'hf:NAME_OR_PATH'")
-check(upcycle_noise >= 0, f'upcycle_noise={upcycle_noise} must be >= 0')
-check(dtype in ('auto', 'float32', 'bfloat16', 'float16'),
-      f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
-check(compile in (True, False, 'auto'), f"compile={compile!r} must be True, False or 'auto'")
-check(backend in ('auto', 'nccl', 'gloo'), f"backend={backend!r} must be 'auto', 'nccl' or 'gloo'")
-check(device in ('auto', 'cpu', 'cuda', 'mps') or re.fullmatch(r'cuda:\d+', device),
-      f"device={device!r} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-for _k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
-    check(globals()[_k] >= 1, f'{_k}={globals()[_k]} must be >= 1')
-for _k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip',
-           'mfu_peak_flops'):
-    check(globals()[_k] >= 0, f'{_k}={globals()[_k]} must be >= 0')
-check(0 <= beta1 < 1 and 0 <= beta2 < 1, f'beta1={beta1}, beta2={beta2} must be in [0, 1)')
-check(not decay_lr or lr_decay_iters > warmup_iters,
-      f'lr_decay_iters={lr_decay_iters} must be > warmup_iters={warmup_iters} (or set decay_lr=False)')
-check(0 <= dead_expert_threshold <= 1, f'dead_expert_threshold={dead_expert_threshold} must be in [0, 1]')
-check(keep_last >= 1, f'keep_last={keep_last} must be >= 1')
-check(max_bad_steps >= 1, f'max_bad_steps={max_bad_steps} must be >= 1')
-check(all(type(i) is int for i in debug_nan_at_iters),
-      f'debug_nan_at_iters={debug_nan_at_iters!r} must be a list of iteration numbers (ints)')
+# train_config.py: every check is one clear line and exit 2, and all of them run before anything is written
+train_config.check_keys(_config)
 debug_nan_at_iters = list(debug_nan_at_iters)  # plain list in config.json and the checkpoint
 nan_iters = set(debug_nan_at_iters)
-
 # DDP: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; the process group is created after validation
 ddp = int(os.environ.get('RANK', -1)) != -1
 rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
 world_size = int(os.environ.get('WORLD_SIZE', 1))
 master_process = rank == 0
-
-
-def split_rows(ga, bs, world):
-    """nanoGPT's meaning whatever the world size: an iteration is ga x bs rows in all; each process takes
-    an equal share, in ceil(ga / world) equal micro-steps. (micro-steps, rows each), or None: no even split."""
-    rows, steps = ga * bs, -(-ga // world)
-    return None if rows % world or rows // world % steps else (steps, rows // world // steps)
-
-
-_ga, _bs = gradient_accumulation_steps, batch_size
-if not split_rows(_ga, _bs, world_size):
-    _near = lambda works, x: ' or '.join(str(v) for v in sorted(  # the nearest values that split evenly
-        filter(works, range(1, 4 * (x + world_size * _ga))), key=lambda v: abs(v - x))[:2])
-    die(f'gradient_accumulation_steps={_ga} x batch_size={_bs} = {_ga * _bs} rows per iteration do not split evenly '
-        f'over {world_size} processes (each runs ceil({_ga}/{world_size}) = {-(-_ga // world_size)} micro-steps of '
-        f'equal size); values that work: batch_size={_near(lambda b: split_rows(_ga, b, world_size), _bs)} '
-        f'(gradient_accumulation_steps={_ga}), or gradient_accumulation_steps='
-        f'{_near(lambda g: split_rows(g, _bs, world_size), _ga)} (batch_size={_bs})')
-ga_local, micro_rows = split_rows(_ga, _bs, world_size)
+ga_local, micro_rows = train_config.split_batch(gradient_accumulation_steps, batch_size, world_size)
 rows_per_rank = ga_local * micro_rows
-check(expert_parallel >= 1 and world_size % expert_parallel == 0,
-      f'expert_parallel={expert_parallel} must be >= 1 and divide the number of processes ({world_size})')
-check(expert_parallel == 1 or (n_experts > 1 and n_experts % expert_parallel == 0),
-      f'expert_parallel={expert_parallel} must divide n_experts={n_experts}')
-check(fsdp in (True, False), f'fsdp={fsdp!r} must be True or False')
-check(not fsdp or ddp, 'fsdp=True needs several processes: launch with torchrun')
+train_config.check_parallel(_config, ddp, world_size)
 sharded = expert_parallel > 1 or fsdp  # state is split over ranks: gather on save, shard on load
+device, device_type, device_here, dtype, compile, backend = train_config.resolve_system(
+    _config, local_rank if ddp else None, sharded)
+data_path, meta, data_dtype, n_tokens = train_config.load_data(data_dir, dataset, block_size)
+meta_vocab_size = int(meta['vocab_size'])
 
-# device, dtype, compile, backend: 'auto' follows the device. A dry run may check a device this machine
-# lacks (a GPU job, from a laptop): resolved as that device with native bf16, nothing touches it.
-_has_mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if _has_mps else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else device
-device_here = {'cuda': torch.cuda.is_available(), 'mps': _has_mps, 'cpu': True}[device_type]
-check(device_here or dry_run, f"device={device!r} but {'CUDA' if device_type == 'cuda' else 'MPS'} is not available")
-if ddp and device_type == 'cuda':
-    device = f'cuda:{local_rank}'
-if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' and not device_here else hardware.auto_dtype(device_type)
-check(dtype != 'bfloat16' or device_type != 'cuda' or not device_here or hardware.bf16_supported(),
-      "dtype='bfloat16' is not supported natively by this GPU (emulated bf16 is slow and is not compiled); "
-      "use 'float16' (or 'auto')")
-check(dtype != 'float16' or device_type == 'cuda',
-      f"dtype='float16' trains with a CUDA GradScaler; on {device_type} use 'bfloat16' or 'float32'")
-if compile == 'auto':
-    compile = device_type == 'cuda' and not sharded  # untested with EP's all-to-all and FSDP hooks
-check(not (expert_parallel > 1 and dtype == 'float16'),
-      "expert_parallel with dtype='float16': each rank's GradScaler would see only its own experts' "
-      "overflows and skip steps on its own; use 'bfloat16' or 'float32'")
-if backend == 'auto':
-    backend = 'nccl' if device_type == 'cuda' else 'gloo'
-check(backend != 'nccl' or device_type == 'cuda', "backend='nccl' needs CUDA; use backend='gloo' on CPU")
-
-# data: only the files matter (train.bin, val.bin, meta.json), not how prepare.py made them
-data_path = os.path.join(data_dir, dataset)
-check(os.path.isfile(os.path.join(data_path, 'meta.json')),
-      f"dataset '{dataset}' is not prepared ({os.path.join(data_path, 'meta.json')} not found); prepare it "
-      f'with:\n    {prepare_command(dataset, data_dir)}')
-try:  # prepare.load_meta checks the .bin sizes against meta.json
-    meta = load_meta(data_dir, dataset)
-    meta_vocab_size, data_dtype = int(meta['vocab_size']), np.dtype(meta['dtype'])
-    n_tokens = {'train': int(meta['train_tokens']), 'val': int(meta['val_tokens'])}
-    assert data_dtype in (np.uint16, np.uint32), f"dtype {meta['dtype']!r} is not uint16/uint32"
-except DataError as e:
-    die(f"dataset '{dataset}': {e}")
-except Exception as e:  # a meta.json that parses but lacks a field or holds a wrong value
-    die(f"dataset '{dataset}': {os.path.join(data_path, 'meta.json')} is unreadable ({type(e).__name__}: {e}); "
-        f're-create it with:\n    {prepare_command(dataset, data_dir)} --force')
-for _split in ('train', 'val'):
-    check(n_tokens[_split] > block_size,
-          f"block_size={block_size} is too long for the {_split} split of '{dataset}' ({n_tokens[_split]} "
-          f'tokens; a window needs block_size+1)')
-
-# GPT-2 start: its shape comes from the checkpoint; the other model keys are overrides (n_experts,
-# top_k, router, dropout, block_size, ...). With n_experts > 1 from_pretrained upcycles (model.py).
-pretrained = None
-if init_from.startswith('gpt2'):
-    check(meta.get('tokenizer') == 'gpt2', f"init_from={init_from!r} needs a GPT-2 BPE dataset, not '{dataset}' "
-                                           f"({meta.get('tokenizer')}); e.g. python prepare.py shakespeare")
-    _fixed = {'n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'activation', 'expert_hidden', 'granularity'}
-    if dry_run:  # no weights are loaded (nor transformers, nor the network): the config is checked as set
-        check(not init_from.startswith('gpt2:') or os.path.isdir(init_from[5:]),
-              f'init_from={init_from!r}: no such directory')
-    else:
-        try:
-            with torch.random.fork_rng(devices=[]):  # the same upcycle noise on every process
-                torch.manual_seed(seed)
-                pretrained = MoEGPT.from_pretrained(
-                    init_from[5:] if init_from.startswith('gpt2:') else init_from, upcycle_noise=upcycle_noise,
-                    **{k: globals()[k] for k in MoEGPTConfig.field_names() if k not in _fixed})
-        except Exception as e:  # no transformers, no network, no such directory, a bad override
-            die(f'init_from={init_from!r}: cannot load GPT-2 weights: {type(e).__name__}: {str(e).splitlines()[0]}')
-        globals().update({k: getattr(pretrained.config, k) for k in _fixed})
-elif init_from.startswith('hf:'):
-    # Any family hf.py speaks. Its shape (and, for an MoE checkpoint, its routing) comes from the checkpoint;
-    # the other model keys are overrides, except the losses: unless set here they keep HF's (hf.py's mapping).
+# A pretrained start, GPT-2 or any family hf.py reads: the checkpoint fixes the shape (and an MoE's routing); the
+# other model keys override (n_experts > 1 upcycles a dense one), but the losses keep its own unless set here.
+pretrained, _fixed = None, set()
+if init_from.startswith(('gpt2', 'hf:')):
+    check(not init_from.startswith('gpt2') or meta.get('tokenizer') == 'gpt2',
+          f"init_from={init_from!r} needs a GPT-2 BPE dataset, not '{dataset}' ({meta.get('tokenizer')}); "
+          f"e.g. python prepare.py shakespeare")
     import hf
-    _src = init_from[3:]
-    _hf_losses = {'aux_loss_coef', 'z_loss_coef', 'aux_loss_layers'} - set(_overridden)
+    _src = init_from.split(':', 1)[1] if init_from.startswith(('gpt2:', 'hf:')) else init_from
     try:
-        _fixed = set(hf.fixed_fields(_src)) | _hf_losses
+        _fixed = set(hf.fixed_fields(_src)) | {'aux_loss_coef', 'z_loss_coef', 'aux_loss_layers'} - set(_overridden)
         _over = {k: globals()[k] for k in MoEGPTConfig.field_names() if k not in _fixed}
         if dry_run:  # the config only, no weights
             _cfg = hf.load_config(_src, **_over)
@@ -282,50 +169,13 @@ elif init_from.startswith('hf:'):
         die(f'init_from={init_from!r}: cannot load it: {type(e).__name__}: {str(e).splitlines()[0]}')
     globals().update(dataclasses.asdict(_cfg))
 
-# model config: MoEGPTConfig validates its own fields (top_k <= n_experts, n_embd % n_head, ...)
-if vocab_size is None:  # GPU matmuls like multiples of 64 (50257 -> 50304); small char vocabs stay as is
-    vocab_size = meta_vocab_size if meta_vocab_size <= 256 else -(-meta_vocab_size // 64) * 64
-check(vocab_size >= meta_vocab_size, f'vocab_size={vocab_size} is smaller than the dataset\'s ({meta_vocab_size})')
-try:
-    gptconf = MoEGPTConfig(**{k: globals()[k] for k in MoEGPTConfig.field_names()})
-except (ValueError, TypeError) as e:
-    die(e)
+gptconf = train_config.model_config({k: globals()[k] for k in config_keys}, meta_vocab_size)
 model_args = dataclasses.asdict(gptconf)
 globals().update(model_args)  # resolved values (expert_hidden=None -> 4*n_embd, ...) go into the config
-
-# resume: the checkpoint must load and match the model config and the data
 ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'resume':
-    try:
-        ckpt = checkpoint.load(ckpt_path)
-    except checkpoint.CheckpointError as e:
-        die(f'init_from=resume: {e}')
-    try:  # a checkpoint from before a model field existed has that field's default
-        _ckpt_args = dataclasses.asdict(MoEGPTConfig(**ckpt['model_args']))
-    except (TypeError, ValueError) as e:
-        die(f'init_from=resume: {ckpt_path} was written by another version of model.py: {e}')
-    _diff = [f'{k}: checkpoint {_ckpt_args.get(k)!r}, config {v!r}' for k, v in model_args.items()
-             if k not in RESUME_TUNABLE and _ckpt_args.get(k) != v]
-    check(not _diff, f'init_from=resume: {ckpt_path} was trained with a different model config; pass the '
-                     f'same settings (e.g. --key=value) to resume:\n    ' + '\n    '.join(_diff))
-    check(ckpt.get('meta_vocab_size') in (None, meta_vocab_size),
-          f"init_from=resume: {ckpt_path} was trained on a vocabulary of {ckpt.get('meta_vocab_size')} but "
-          f"'{dataset}' has {meta_vocab_size}")
-
-# out_dir must be writable: checked by writing a probe file (a dry run writes nothing: then the nearest
-# existing folder on its path must be a writable folder)
-if dry_run:
-    _d = os.path.abspath(out_dir)
-    while not os.path.exists(_d):
-        _d = os.path.dirname(_d)
-    check(os.path.isdir(_d) and os.access(_d, os.W_OK | os.X_OK), f'out_dir={out_dir!r} is not writable ({_d})')
-elif master_process:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        die(f'out_dir={out_dir!r} is not writable ({e.strerror or e})')
+if init_from == 'resume':  # the checkpoint must load and match the model config and the data
+    ckpt = train_config.load_resume(ckpt_path, model_args, RESUME_TUNABLE, meta_vocab_size, dataset)
+train_config.check_out_dir(out_dir, dry_run, master_process)
 if wandb_run_name == '':
     wandb_run_name = os.path.basename(os.path.abspath(out_dir))
 config = {k: globals()[k] for k in config_keys}  # the resolved config: plain values only
@@ -334,9 +184,13 @@ if master_process:
     print('config (resolved):')
     print(textwrap.fill('  '.join(f'{k}={v!r}' for k, v in config.items()), width=110, initial_indent='  ',
                         subsequent_indent='  ', break_long_words=False, break_on_hyphens=False))
-    print(f'world size {world_size}: {_ga} x {_bs} = {_ga * _bs} rows per iteration (gradient_accumulation_steps '
-          f'x batch_size), {rows_per_rank} per process as {ga_local} micro-step{"s" * (ga_local > 1)} of '
-          f'{micro_rows}; tokens per iteration {tokens_per_iter:,}')
+    print(f'world size {world_size}: {gradient_accumulation_steps} x {batch_size} = '
+          f'{gradient_accumulation_steps * batch_size} rows per iteration (gradient_accumulation_steps x batch_size), '
+          f'{rows_per_rank} per process as {ga_local} micro-step{"s" * (ga_local > 1)} of {micro_rows}; '
+          f'tokens per iteration {tokens_per_iter:,}')
+    if device_type == 'cpu' and not eval_only:  # `python train.py` on a laptop: say so before a day of training
+        _hint = train_config.cpu_hint(gptconf, tokens_per_iter, max_iters, torch.get_num_threads())
+        print(_hint) if _hint else None
 if dry_run:  # before the model, the process group and out_dir
     if master_process:
         _not_here = (f'; {device} is not available here: checked as ' + ('a CUDA GPU with native bf16' if
@@ -346,14 +200,7 @@ if dry_run:  # before the model, the process group and out_dir
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
-if ddp:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    if device_type == 'cuda':
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
-    import parallel
-    ep_groups = parallel.init_expert_parallel(expert_parallel) if expert_parallel > 1 else None
+ep_groups = parallel.setup(backend, device, expert_parallel) if ddp else None
 if master_process:
     with open(os.path.join(out_dir, 'config.json'), 'w') as _f:
         json.dump(config, _f, indent=1)
@@ -406,37 +253,23 @@ moe_layer_ids = [i for i in range(n_layer) if gptconf.is_moe_layer(i)]  # block 
 n_moe, E = len(moe_layer_ids), n_experts
 aux_free = model.uses_expert_bias  # DeepSeek-V3 balancing: expert_bias follows each step's load
 iter_num, best_val_loss = 0, float('inf')
-last_ckpt = None  # (path, iter) of the newest checkpoint known good: named when the run has to stop
+guard = Guard(max_bad_steps, device, ddp, master_process, ckpt_path)  # NaN/Inf and preemption
 if ckpt is not None:
     model.load_state_dict(checkpoint.strip_compile_prefix(ckpt['model']))
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-    last_ckpt = (ckpt_path, iter_num)
+    guard.last_ckpt = (ckpt_path, iter_num)
     resume_evaluated = ckpt.get('evaluated', True)  # False: a preemption save, its iter's eval is still due
 model.to(device)
 params = model.get_num_params()
 if master_process:
     print(f'model: {params.total / 1e6:.2f}M parameters, {params.active / 1e6:.2f}M active per token; '
           f'{n_moe} MoE layers x {E} experts, top-{top_k}; device {device}, dtype {dtype}, compile {compile}')
-
-if expert_parallel > 1:
-    parallel.enable_expert_parallel(model, ep_groups)  # slices the full (loaded) experts
-if fsdp:
-    parallel.apply_fsdp(model)  # the optimizer must see the sharded parameters
-
+parallel.shard(model, ep_groups, fsdp)  # EP slices the full (loaded) experts; before the optimizer is built
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if ckpt is not None:
-    if sharded:  # the checkpoint holds the full optimizer state, whatever N it was saved with
-        parallel.load_full_optim_state_dict(model, optimizer, ckpt['optimizer'])
-    else:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    if scaler.is_enabled() and ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
-    data_gen.set_state(ckpt['sampler_state'])
-    if master_process:
-        checkpoint.set_rng_state(ckpt['rng'])
-    else:  # only rank 0's RNG is saved; the others just need fresh dropout streams
-        torch.manual_seed(seed + rank + world_size * iter_num)
+    checkpoint.restore_run(ckpt, model, optimizer, scaler, data_gen, sharded,
+                           reseed=None if master_process else seed + rank + world_size * iter_num)
     print(f'resumed from {ckpt_path} at iter {iter_num} (best val CE {best_val_loss:.4f})') if master_process else None
 ckpt = None  # free memory
 raw_model = model  # the plain module: state_dict, MFU, eval
@@ -444,10 +277,7 @@ if compile:
     print('compiling the model... (takes a ~minute)') if master_process else None
     model = torch.compile(model)
 eval_model = model  # compiled if compile, never DDP-wrapped (eval needs no gradient sync)
-if ddp and not fsdp:  # FSDP reduces its own gradients
-    if expert_parallel > 1:  # expert shards: reduced by parallel.reduce_expert_gradients, not DDP
-        parallel.ddp_ignore_expert_params(model)
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+model = parallel.wrap(model, ddp, fsdp, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 # ----------------------------------------------------------------------------- metrics, logging
 # metrics.py: per-micro-step MoE stats summed on device, reduced over processes at log time, per-layer load
@@ -496,124 +326,38 @@ if master_process:
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     runlog = RunLog(metrics, out_dir, wandb if wandb_log else None, _history)
 
-# ----------------------------------------------------------------------------- reliability helpers
-def weights_finite():
-    """Whether every parameter is finite on every rank (a collective under DDP); checked before each
-    save, so a NaN/Inf checkpoint never replaces a good one."""
-    bad = torch.zeros((), device=device)
-    for p in raw_model.parameters():
-        t = p.to_local() if hasattr(p, 'to_local') else p  # FSDP2: this rank's shard
-        bad += (~torch.isfinite(t.detach())).any()
-    if ddp:
-        dist.all_reduce(bad)
-    return bad.item() == 0
-
-
-def stop_run(msg):
-    """Training went wrong (not the input): name the last good checkpoint, exit 3 on every rank."""
-    if master_process:
-        where = (f'last good checkpoint: {last_ckpt[0]} (iter {last_ckpt[1]}); fix the cause (e.g. a lower '
-                 f'learning_rate), then resume from it with --init_from=resume' if last_ckpt
-                 else 'no checkpoint was saved by this run')
-        print(f'train.py: error: {msg}\n  {where}', file=sys.stderr)
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(3)
-
 
 def save_checkpoint(evaluated):
-    """Every rank calls this (sharded state is gathered); rank 0 writes ckpt.pt atomically. evaluated:
-    this iter's eval ran (False for a preemption save, so a resume runs that eval)."""
-    global last_ckpt
-    if not weights_finite():
-        stop_run(f'iter {iter_num}: the weights are not finite (NaN/Inf); not saving a checkpoint')
-    if sharded:  # collective: every rank sends its shards, the full model comes back
-        model_sd = parallel.full_state_dict(raw_model)
-        optim_sd = parallel.full_optim_state_dict(raw_model, optimizer)
-    elif master_process:
-        model_sd, optim_sd = checkpoint.strip_compile_prefix(raw_model.state_dict()), optimizer.state_dict()
+    """Every rank calls this (sharded state is gathered); rank 0 writes ckpt.pt atomically, never with
+    NaN/Inf weights. evaluated: this iter's eval ran (False for a preemption save: a resume runs it)."""
+    guard.check_weights(raw_model, iter_num)
     if master_process:
         print(f'saving checkpoint to {ckpt_path}')
-        checkpoint.save({
-            'format_version': checkpoint.FORMAT_VERSION,
-            'model': model_sd,
-            'optimizer': optim_sd,
-            'scaler': scaler.state_dict(),
-            'model_args': model_args,
-            'config': config,
-            'iter_num': iter_num,
-            'best_val_loss': best_val_loss,
-            'evaluated': evaluated,
-            'meta_vocab_size': meta_vocab_size,
-            'sampler_state': sampler_state,  # redraws the pending batch on resume
-            'rng': checkpoint.rng_state(),
-        }, ckpt_path)
-        checkpoint.keep_history(ckpt_path, iter_num, keep_last)
-    last_ckpt = (ckpt_path, iter_num)
+    checkpoint.save_run(ckpt_path, raw_model, optimizer, dict(
+        scaler=scaler.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
+        best_val_loss=best_val_loss, evaluated=evaluated, meta_vocab_size=meta_vocab_size,
+        sampler_state=sampler_state,  # redraws the pending batch on resume
+        rng=checkpoint.rng_state()), keep_last, sharded, master_process)
+    guard.last_ckpt = (ckpt_path, iter_num)
 
 
 def resume_command():
-    """This run's command line, resuming: printed when a preemption stops it."""
+    """This run's command line, resuming: printed when a preemption stops it. A pretrained start's
+    shape came from its checkpoint (_fixed): a resume must be told it."""
     args = [a for a in sys.argv[1:] if not a.startswith('--init_from=')]
-    if init_from.startswith(('gpt2', 'hf:')):  # the shape came from the checkpoint; a resume must be told it
-        args += [f'--{k}={globals()[k]!r}' for k in sorted(_fixed)]
+    args += [f'--{k}={globals()[k]!r}' for k in sorted(_fixed)]
     return shlex.join(['python', 'train.py', *args, '--init_from=resume'])
 
 
-# Preemption: the first SIGTERM/SIGINT only sets a flag; the loop finishes its step, saves and exits 0
-# (all DDP ranks stop at the same iter: the flag is all-reduced with the step's finiteness check).
-# A second signal exits at once: the user or the scheduler means now, and ckpt.pt is never half-written.
-preempted = None
-
-
-def on_signal(signum, frame):
-    global preempted
-    name = signal.Signals(signum).name
-    if preempted is not None:
-        if master_process:  # os.write: safe whatever the main thread was in the middle of printing
-            os.write(2, f'train.py: second signal ({name}): exiting now without saving; the last complete '
-                        f'checkpoint (if any) is {ckpt_path}\n'.encode())
-        os._exit(128 + signum)
-    preempted = name
-    if master_process:
-        os.write(2, f'train.py: {name} received: finishing this step, then saving a checkpoint and exiting '
-                    f'(send it again to exit at once, without saving)\n'.encode())
-
-
-if not eval_only:
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
 # ----------------------------------------------------------------------------- training loop
-def read_flags(step_flags):
-    """The host side of the NaN/Inf guard for one step (one device->host sync): count and print a
-    skipped step, stop the run after max_bad_steps in a row. Returns (skipped, preempted)."""
-    global bad_in_a_row, bad_since_log
-    it, flags, step_loss, grad_norm = step_flags
-    bad_step, stop = (f > 0 for f in flags.tolist())
-    if not bad_step:
-        bad_in_a_row = 0
-        return False, stop
-    bad_in_a_row, bad_since_log = bad_in_a_row + 1, bad_since_log + 1
-    if master_process:
-        print(f'iter {it}: non-finite loss {step_loss.item():.4g} or grad norm {grad_norm.item():.4g}: '
-              f'step skipped ({bad_in_a_row} in a row; the run stops at max_bad_steps={max_bad_steps})')
-    if bad_in_a_row >= max_bad_steps:
-        stop_run(f'iter {it}: {bad_in_a_row} consecutive steps with a non-finite loss or gradient '
-                 f'norm (max_bad_steps={max_bad_steps}); stopping')
-    return True, stop
-
-
-# fused AdamW can skip a step on the device (found_inf); the GradScaler (float16) runs its own skip
-skip_on_device = not scaler.is_enabled() and bool(optimizer.defaults.get('fused'))
-pending_flags = None  # (iter, flags, loss, grad norm) of a step whose flags the host has not read yet
+if not eval_only:  # preemption: a signal lets the step finish, then saves (guard.py)
+    guard.catch_signals()
 start_iter = iter_num
 skip_eval_at = start_iter if init_from == 'resume' and resume_evaluated else -1  # already evaluated
 rows = next_iter_starts()
 X, Y = get_batch('train', rows[0])  # fetch the very first batch
 acc = metrics.new_acc()
 t_log, eval_time, iters_since_log, grad_norm = time.perf_counter(), 0.0, 0, None
-bad_in_a_row, bad_since_log = 0, 0  # skipped (non-finite) steps
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
@@ -633,18 +377,14 @@ while True:
             save_checkpoint(evaluated=True)
         eval_time += time.perf_counter() - t_eval
     if eval_only or iter_num >= max_iters:
-        if pending_flags:  # the last step's flags: print and count it like any other
-            read_flags(pending_flags)
+        guard.settle()  # the last step's flags: print and count it like any other
         break
 
     # one optimizer step: gradient_accumulation_steps micro-steps over all processes
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     step_loss = torch.zeros((), device=device)  # this process's loss, for the finiteness check
     for micro_step in range(ga_local):
-        if fsdp:  # FSDP2's no_sync: reduce-scatter only on the last micro-step
-            model.set_requires_gradient_sync(micro_step == ga_local - 1)
-        elif ddp:  # sync gradients only on the last micro-step (nanoGPT's no_sync equivalent)
-            model.require_backward_grad_sync = micro_step == ga_local - 1
+        parallel.sync_gradients(model, micro_step == ga_local - 1)  # reduce only on the last micro-step
         with ctx:
             _, loss, stats = model(X, Y)  # loss = ce + each loss term x its coefficient
             loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
@@ -661,62 +401,34 @@ while True:
             rows = next_iter_starts()
             X, Y = get_batch('train', rows[0])
         scaler.scale(loss).backward()
-    if expert_parallel > 1:  # sum over the replicas of each shard / world size = the mean-loss gradient
-        parallel.reduce_expert_gradients(raw_model)
     scaler.unscale_(optimizer)  # (a no-op unless float16) the true gradients, to clip and check
-    max_norm = grad_clip if grad_clip != 0.0 else float('inf')  # inf: measure the norm, don't clip
-    if sharded:  # the global norm over all shards, the same clip factor on every rank
-        grad_norm = parallel.clip_grad_norm_(raw_model, max_norm)
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    # NaN/Inf guard: a non-finite loss or grad norm skips the step (with float16 the GradScaler skips
-    # overflowing steps itself, so there only a non-finite loss counts). The flags are all-reduced (MAX)
-    # on the device, so every rank skips, or stops on preemption, at the same iter. With fused AdamW
-    # the skip itself happens on the device (found_inf: the kernel leaves weights, moments and step
-    # count alone) and the host reads the flags one step late, or at the next log line: a CUDA step
-    # never waits for the GPU. Otherwise (GradScaler, no fused kernel) they are read at once.
-    bad = ~torch.isfinite(step_loss)
-    if not scaler.is_enabled():
-        bad |= ~torch.isfinite(grad_norm).to(bad.device)
-    flags = torch.stack([bad.float(), torch.tensor(float(preempted is not None), device=device)])
-    if ddp:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    step_flags = (iter_num, flags, step_loss, grad_norm)
-    if skip_on_device:
-        optimizer.found_inf = flags[0]
-        scaler.step(optimizer)
-        stop = read_flags(pending_flags)[1] if pending_flags else False
-        pending_flags = step_flags
-    else:
-        bad_step, stop = read_flags(step_flags)
-        if not bad_step:
-            scaler.step(optimizer)
+    grad_norm = parallel.finish_gradients(model, grad_clip, sharded)  # EP's expert shards reduced, then clipped
+    stop = guard.step(iter_num, step_loss, grad_norm, optimizer, scaler)  # skipped if not finite on any rank
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
-    if aux_free:  # the step's load over all micro-steps and processes (none if skipped): all move alike
+    if aux_free:  # DeepSeek-V3's expert_bias follows the step's load, all micro-steps and ranks (none if skipped)
         if ddp:
             dist.all_reduce(step_counts)
-        raw_model.update_expert_bias(step_counts * (1 - flags[0]))
+        raw_model.update_expert_bias(step_counts * (1 - guard.skipped))
     iters_since_log += 1
 
     # log: stats over the whole interval, all micro-steps, all processes
     if iter_num % log_interval == 0:
-        if pending_flags:  # the log line syncs anyway: settle this step's flags first
-            stop |= read_flags(pending_flags)[1]
-            pending_flags = None
+        stop |= guard.settle()  # the log line syncs anyway: settle this step's flags first
         s = metrics.reduce(acc)  # all processes take part (all_reduce)
         dt = (time.perf_counter() - t_log - eval_time) / iters_since_log
         mfu = raw_model.estimate_mfu(rows_per_rank, dt, peak_flops) if peak_flops else None
         gn = grad_norm.item() if grad_norm is not None else None
+        bad_steps = guard.take_bad_count()
         if master_process:
-            runlog.train(iter_num, iters_since_log, lr, s, gn, dt, tokens_per_iter, mfu, bad_since_log)
-        acc, t_log, eval_time, iters_since_log, bad_since_log = metrics.new_acc(), time.perf_counter(), 0.0, 0, 0
+            runlog.train(iter_num, iters_since_log, lr, s, gn, dt, tokens_per_iter, mfu, bad_steps)
+        acc, t_log, eval_time, iters_since_log = metrics.new_acc(), time.perf_counter(), 0.0, 0
     iter_num += 1
     if stop:  # preempted: this step is done; save (improved or not) so a resume continues exactly here
         save_checkpoint(evaluated=False)
         if master_process:
-            print(f'{preempted or "a signal to another rank"}: stopped at iter {iter_num} and saved a checkpoint '
-                  f'({ckpt_path}); resume with:\n    {resume_command()}'
+            print(f'{guard.preempted or "a signal to another rank"}: stopped at iter {iter_num} and saved a '
+                  f'checkpoint ({ckpt_path}); resume with:\n    {resume_command()}'
                   + ('\n  (launched with torchrun, as this run was)' if ddp else ''))
         break
 

@@ -450,9 +450,10 @@ def test_unsupported_architectures_say_why():
         hf.config_args(t.OlmoeConfig(clip_qkv=8.0))
 
 
-def test_gpt2_from_pretrained_is_a_thin_call(hf_dirs):
+def test_gpt2_dir_loads_as_the_same_model(hf_dirs):
+    """hf.load of a GPT-2 save_pretrained dir (the one way in; model.py has no from_pretrained) is HF's model."""
     path, idx, ref = hf_dirs['gpt2']
-    model = MoEGPT.from_pretrained(path)
+    model = hf.load(path)
     assert model.config.activation == 'gelu_tanh' and model.config.n_experts == 1
     assert (logits_of(model, idx) - ref).abs().max().item() < 1e-5
 
@@ -606,3 +607,38 @@ def test_train_py_fine_tunes_an_imported_mixtral(shakespeare_char_dir, tmp_path)
     r = subprocess.run([sys.executable, 'train.py', '--init_from=hf:/no/such/dir', f'--data_dir={shakespeare_char_dir}',
                         '--device=cpu'], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "init_from='hf:/no/such/dir': cannot load it" in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_preempted_hf_start_prints_a_resume_command_that_resumes(shakespeare_char_dir, tmp_path):
+    """A run started from a checkpoint (--init_from=hf:DIR) got its shape from it: the resume command that
+    SIGTERM prints passes those fixed fields (train.py's _fixed), so it resumes instead of refusing a
+    different model config."""
+    import shlex
+    import signal
+    t = pytest.importorskip('transformers')
+    t.logging.set_verbosity_error()
+    cfg = tiny_hf_config('mixtral')
+    cfg.vocab_size = 96
+    torch.manual_seed(0)
+    d = tmp_path / 'mixtral'
+    t.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.Popen([sys.executable, 'train.py', f'--init_from=hf:{d}', f'--data_dir={shakespeare_char_dir}',
+                          f'--out_dir={out}', '--device=cpu', '--compile=False', '--block_size=32', '--batch_size=4',
+                          '--max_iters=2000', '--eval_interval=1000', '--eval_iters=1', '--log_interval=1',
+                          '--warmup_iters=0', '--decay_lr=False'], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while 'iter 2:' not in (line := p.stdout.readline()):
+            assert line, p.stderr.read()
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, stderr
+    resume = shlex.split(stdout.split('resume with:\n')[1].splitlines()[0])
+    assert "--n_kv_head=2" in resume and "--position='rope'" in resume, resume
+    r = subprocess.run([sys.executable, *resume[1:], '--max_iters=6'], cwd=REPO, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr[-2000:]

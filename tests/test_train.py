@@ -452,6 +452,41 @@ def test_dry_run_under_torchrun_checks_a_gpu_job_and_touches_nothing(char_data, 
     assert r.returncode == 2 and f'python prepare.py shakespeare_char --data_dir {tmp_path}' in r.stderr, r.stderr
 
 
+def test_gpu_sized_model_on_cpu_says_so_in_one_line(char_data, tmp_path):
+    """`python train.py` (config/moe_8e.py's model) where the device is the CPU trains, but first prints one
+    line (not an error) with the estimated iteration time and config/moe_8e_cpu.py; a dry run shows it too.
+    The CPU recipe, and a GPU-sized job dry-run for CUDA, get none."""
+    out = tmp_path / 'out'
+    r = ok(train([f'--data_dir={char_data}', f'--out_dir={out}', '--device=cpu', '--dry_run'], timeout=60))
+    notes = [line for line in r.stdout.splitlines() if 'config/moe_8e_cpu.py' in line]
+    assert len(notes) == 1, r.stdout
+    assert notes[0].startswith('note: this model is GPU-sized and the device is the CPU: an iteration is '
+                               'estimated at ~') and '5000 iterations ~' in notes[0], notes[0]
+    assert 'error' not in r.stderr and not out.exists()
+    for args in (['config/moe_8e_cpu.py'], ['--device=cuda'], [*TINY]):
+        r = ok(train([*args, f'--data_dir={char_data}', f'--out_dir={out}', '--dry_run'], timeout=60))
+        assert 'GPU-sized' not in r.stdout, (args, r.stdout)
+    import train_config
+    gpu = MoEGPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, n_experts=8, top_k=2)
+    cpu = MoEGPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, n_experts=8, top_k=2)
+    assert 'config/moe_8e_cpu.py' in train_config.cpu_hint(gpu, 64 * 256, 5000, threads=1)
+    assert train_config.cpu_hint(cpu, 12 * 64, 2000, threads=1) is None
+
+
+def test_resolve_device_is_one_function_for_train_and_sample():
+    """hardware.resolve_device: 'auto' picks, a device this machine lacks is an error (or, for a dry run,
+    resolved as that device with native bf16), and the dtype is checked."""
+    assert hardware.resolve_device('cpu', 'auto') == ('cpu', 'cpu', 'float32', True)
+    assert hardware.resolve_device('cpu', 'bfloat16')[2] == 'bfloat16'
+    with pytest.raises(hardware.DeviceError, match="dtype='fp16' must be"):
+        hardware.resolve_device('cpu', 'fp16')
+    if not torch.cuda.is_available():
+        with pytest.raises(hardware.DeviceError, match="device='cuda' but CUDA is not available"):
+            hardware.resolve_device('cuda', 'auto')
+        assert hardware.resolve_device('cuda', 'auto', local_rank=1, absent_ok=True) == \
+            ('cuda:1', 'cuda', 'bfloat16', False)
+
+
 def test_dtype_auto_wants_native_bf16(monkeypatch, char_data, tmp_path):
     """A V100/T4 only emulates bf16: torch.cuda.is_bf16_supported() says True (emulation counts by
     default), hardware.bf16_supported() says False, so dtype='auto' is float16 there. train.py resolves

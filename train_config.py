@@ -1,0 +1,207 @@
+"""
+train.py's config checks, in the order train.py calls them: every key, the batch split over the
+processes, the device (hardware.py), the data, the model config, a resume's checkpoint, out_dir.
+Bad input is one clear line (`train.py: error: ...`), exit code 2, no traceback, and nothing written:
+every check runs before train.py builds, writes or starts anything.
+"""
+import dataclasses
+import math
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+
+import checkpoint
+import hardware
+from model import MoEGPT, MoEGPTConfig
+from prepare import DataError, load_meta, prepare_command
+
+
+def die(msg):
+    """Bad input: one clear message, exit code 2, no traceback, nothing written."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'train.py: error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+def check(ok, msg):
+    if not ok:
+        die(msg)
+
+
+def check_keys(c):
+    """Each key's own range or choices (c: the config dict). The model's fields are MoEGPTConfig's to check."""
+    check(c['init_from'] in ('scratch', 'resume') or c['init_from'].startswith(('gpt2', 'hf:')),
+          f"init_from={c['init_from']!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...), "
+          f"'gpt2:PATH' or 'hf:NAME_OR_PATH'")
+    check(c['upcycle_noise'] >= 0, f"upcycle_noise={c['upcycle_noise']} must be >= 0")
+    check(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'),
+          f"dtype={c['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
+    check(c['compile'] in (True, False, 'auto'), f"compile={c['compile']!r} must be True, False or 'auto'")
+    check(c['backend'] in ('auto', 'nccl', 'gloo'), f"backend={c['backend']!r} must be 'auto', 'nccl' or 'gloo'")
+    check(c['device'] in ('auto', 'cpu', 'cuda', 'mps') or re.fullmatch(r'cuda:\d+', c['device']),
+          f"device={c['device']!r} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    for k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
+        check(c[k] >= 1, f'{k}={c[k]} must be >= 1')
+    for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip',
+              'mfu_peak_flops'):
+        check(c[k] >= 0, f'{k}={c[k]} must be >= 0')
+    check(0 <= c['beta1'] < 1 and 0 <= c['beta2'] < 1, f"beta1={c['beta1']}, beta2={c['beta2']} must be in [0, 1)")
+    check(not c['decay_lr'] or c['lr_decay_iters'] > c['warmup_iters'],
+          f"lr_decay_iters={c['lr_decay_iters']} must be > warmup_iters={c['warmup_iters']} (or set decay_lr=False)")
+    check(0 <= c['dead_expert_threshold'] <= 1,
+          f"dead_expert_threshold={c['dead_expert_threshold']} must be in [0, 1]")
+    check(c['keep_last'] >= 1, f"keep_last={c['keep_last']} must be >= 1")
+    check(c['max_bad_steps'] >= 1, f"max_bad_steps={c['max_bad_steps']} must be >= 1")
+    check(all(type(i) is int for i in c['debug_nan_at_iters']),
+          f"debug_nan_at_iters={c['debug_nan_at_iters']!r} must be a list of iteration numbers (ints)")
+
+
+def split_rows(ga, bs, world):
+    """nanoGPT's meaning whatever the world size: an iteration is ga x bs rows in all; each process takes
+    an equal share, in ceil(ga / world) equal micro-steps. (micro-steps, rows each), or None: no even split."""
+    rows, steps = ga * bs, -(-ga // world)
+    return None if rows % world or rows // world % steps else (steps, rows // world // steps)
+
+
+def split_batch(ga, bs, world):
+    """(micro-steps, rows each) of one process, or a clear error naming the nearest values that split."""
+    if not split_rows(ga, bs, world):
+        near = lambda works, x: ' or '.join(str(v) for v in sorted(  # the nearest values that split evenly
+            filter(works, range(1, 4 * (x + world * ga))), key=lambda v: abs(v - x))[:2])
+        die(f'gradient_accumulation_steps={ga} x batch_size={bs} = {ga * bs} rows per iteration do not split evenly '
+            f'over {world} processes (each runs ceil({ga}/{world}) = {-(-ga // world)} micro-steps of '
+            f'equal size); values that work: batch_size={near(lambda b: split_rows(ga, b, world), bs)} '
+            f'(gradient_accumulation_steps={ga}), or gradient_accumulation_steps='
+            f'{near(lambda g: split_rows(g, bs, world), ga)} (batch_size={bs})')
+    return split_rows(ga, bs, world)
+
+
+def check_parallel(c, ddp, world_size):
+    check(c['expert_parallel'] >= 1 and world_size % c['expert_parallel'] == 0,
+          f"expert_parallel={c['expert_parallel']} must be >= 1 and divide the number of processes ({world_size})")
+    check(c['expert_parallel'] == 1 or (c['n_experts'] > 1 and c['n_experts'] % c['expert_parallel'] == 0),
+          f"expert_parallel={c['expert_parallel']} must divide n_experts={c['n_experts']}")
+    check(c['fsdp'] in (True, False), f"fsdp={c['fsdp']!r} must be True or False")
+    check(not c['fsdp'] or ddp, 'fsdp=True needs several processes: launch with torchrun')
+
+
+def resolve_system(c, local_rank, sharded):
+    """device, dtype, compile, backend: 'auto' follows the device. A dry run may check a device this
+    machine lacks (a GPU job, from a laptop): resolved as that device with native bf16, nothing touches
+    it. Returns (device, device_type, device_here, dtype, compile, backend)."""
+    try:
+        device, device_type, dtype, here = hardware.resolve_device(c['device'], c['dtype'], local_rank,
+                                                                   absent_ok=c['dry_run'])
+    except hardware.DeviceError as e:
+        die(e)
+    check(dtype != 'float16' or device_type == 'cuda',
+          f"dtype='float16' trains with a CUDA GradScaler; on {device_type} use 'bfloat16' or 'float32'")
+    compile = c['compile']
+    if compile == 'auto':
+        compile = device_type == 'cuda' and not sharded  # untested with EP's all-to-all and FSDP hooks
+    check(not (c['expert_parallel'] > 1 and dtype == 'float16'),
+          "expert_parallel with dtype='float16': each rank's GradScaler would see only its own experts' "
+          "overflows and skip steps on its own; use 'bfloat16' or 'float32'")
+    backend = c['backend']
+    if backend == 'auto':
+        backend = 'nccl' if device_type == 'cuda' else 'gloo'
+    check(backend != 'nccl' or device_type == 'cuda', "backend='nccl' needs CUDA; use backend='gloo' on CPU")
+    return device, device_type, here, dtype, compile, backend
+
+
+def load_data(data_dir, dataset, block_size):
+    """Only the files matter (train.bin, val.bin, meta.json), not how prepare.py made them. Returns
+    (data_path, meta, numpy dtype of the tokens, {split: tokens})."""
+    data_path = os.path.join(data_dir, dataset)
+    check(os.path.isfile(os.path.join(data_path, 'meta.json')),
+          f"dataset '{dataset}' is not prepared ({os.path.join(data_path, 'meta.json')} not found); prepare it "
+          f'with:\n    {prepare_command(dataset, data_dir)}')
+    try:  # prepare.load_meta checks the .bin sizes against meta.json
+        meta = load_meta(data_dir, dataset)
+        int(meta['vocab_size'])
+        data_dtype = np.dtype(meta['dtype'])
+        n_tokens = {'train': int(meta['train_tokens']), 'val': int(meta['val_tokens'])}
+        assert data_dtype in (np.uint16, np.uint32), f"dtype {meta['dtype']!r} is not uint16/uint32"
+    except DataError as e:
+        die(f"dataset '{dataset}': {e}")
+    except Exception as e:  # a meta.json that parses but lacks a field or holds a wrong value
+        die(f"dataset '{dataset}': {os.path.join(data_path, 'meta.json')} is unreadable ({type(e).__name__}: {e}); "
+            f're-create it with:\n    {prepare_command(dataset, data_dir)} --force')
+    for split in ('train', 'val'):
+        check(n_tokens[split] > block_size,
+              f"block_size={block_size} is too long for the {split} split of '{dataset}' ({n_tokens[split]} "
+              f'tokens; a window needs block_size+1)')
+    return data_path, meta, data_dtype, n_tokens
+
+
+def model_config(c, meta_vocab_size):
+    """The MoEGPTConfig of the config's model keys; MoEGPTConfig validates its own fields (top_k <=
+    n_experts, n_embd % n_head, ...). vocab_size None = the dataset's, padded to a multiple of 64 when
+    large (GPU matmuls like them: 50257 -> 50304); small char vocabs stay as they are."""
+    c = dict(c)
+    if c['vocab_size'] is None:
+        c['vocab_size'] = meta_vocab_size if meta_vocab_size <= 256 else -(-meta_vocab_size // 64) * 64
+    check(c['vocab_size'] >= meta_vocab_size,
+          f"vocab_size={c['vocab_size']} is smaller than the dataset's ({meta_vocab_size})")
+    try:
+        return MoEGPTConfig(**{k: c[k] for k in MoEGPTConfig.field_names()})
+    except (ValueError, TypeError) as e:
+        die(e)
+
+
+def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset):
+    """init_from=resume: the checkpoint must load and match the model config (but for the `tunable`
+    fields) and the data. Returns it."""
+    try:
+        ckpt = checkpoint.load(ckpt_path)
+    except checkpoint.CheckpointError as e:
+        die(f'init_from=resume: {e}')
+    try:  # a checkpoint from before a model field existed has that field's default
+        ckpt_args = dataclasses.asdict(MoEGPTConfig(**ckpt['model_args']))
+    except (TypeError, ValueError) as e:
+        die(f'init_from=resume: {ckpt_path} was written by another version of model.py: {e}')
+    diff = [f'{k}: checkpoint {ckpt_args.get(k)!r}, config {v!r}' for k, v in model_args.items()
+            if k not in tunable and ckpt_args.get(k) != v]
+    check(not diff, f'init_from=resume: {ckpt_path} was trained with a different model config; pass the '
+                    f'same settings (e.g. --key=value) to resume:\n    ' + '\n    '.join(diff))
+    check(ckpt.get('meta_vocab_size') in (None, meta_vocab_size),
+          f"init_from=resume: {ckpt_path} was trained on a vocabulary of {ckpt.get('meta_vocab_size')} but "
+          f"'{dataset}' has {meta_vocab_size}")
+    return ckpt
+
+
+def check_out_dir(out_dir, dry_run, master):
+    """out_dir must be writable: checked by writing a probe file (a dry run writes nothing: then the
+    nearest existing folder on its path must be a writable folder)."""
+    if dry_run:
+        d = os.path.abspath(out_dir)
+        while not os.path.exists(d):
+            d = os.path.dirname(d)
+        check(os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK), f'out_dir={out_dir!r} is not writable ({d})')
+    elif master:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as e:
+            die(f'out_dir={out_dir!r} is not writable ({e.strerror or e})')
+
+
+def cpu_hint(gptconf, tokens_per_iter, max_iters, threads):
+    """One line for a GPU-sized model about to train on the CPU (`python train.py` on a laptop), or None.
+    The rule: the iteration is estimated (hardware.CPU_FLOPS_PER_THREAD) to take over CPU_HINT_SECONDS."""
+    import torch
+    with torch.device('meta'):  # parameter counts only: nothing is allocated
+        flops = MoEGPT(gptconf).flops_per_token() * tokens_per_iter
+    secs = flops / (hardware.CPU_FLOPS_PER_THREAD * threads)
+    if secs < hardware.CPU_HINT_SECONDS:
+        return None
+    total = secs * max_iters
+    took = f'{total / 86400:.1f} days' if total >= 86400 else f'{total / 3600:.1f} hours' if total >= 3600 \
+        else f'{math.ceil(total / 60)} minutes'
+    return (f'note: this model is GPU-sized and the device is the CPU: an iteration is estimated at ~{secs:.0f} s '
+            f'on {threads} thread{"s" * (threads > 1)} ({flops / 1e12:.1f} TFLOP), {max_iters} iterations ~{took}; '
+            f'for a CPU run use config/moe_8e_cpu.py (minutes)')
