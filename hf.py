@@ -331,9 +331,9 @@ def load(name_or_path, upcycle_noise=0.0, **overrides):
     A dense checkpoint (GPT-2, Llama, Qwen2, Qwen3) with n_experts > 1 is sparse-upcycled
     (Komatsuzaki et al. 2022): every expert of an MoE block starts as a copy of that block's dense
     MLP (plus Gaussian noise of std upcycle_noise x the weight's std, if asked), the router small.
-    With the k gates renormalised (norm_topk_prob: the default for top_k > 1; top-1 must ask) and no noise the upcycled
-    model computes exactly the dense one's function at step 0. Shared experts (n_shared_experts)
-    start with their output projection at zero, so they add nothing at step 0 either.
+    With the k gates renormalised (norm_topk_prob: the default for top_k > 1; top-1 must ask for it)
+    and no noise the upcycled model computes exactly the dense one's function at step 0. Shared
+    experts (n_shared_experts) start with their output projection at zero, so they add nothing.
 
     Raises ImportError (no transformers), OSError (no such directory / hub name, no network),
     UnsupportedCheckpoint (an architecture or feature MoEGPT does not compute), ValueError (bad
