@@ -152,7 +152,7 @@ def config_args(hc):
         warnings.warn(f'Mixtral router_jitter_noise={hc.router_jitter_noise} (training-time input jitter) is '
                       'not implemented; the model computes the same function without it')
     # HF's loss: aux coefficient c on f summing to top_k, pooled over the layers; no z-loss
-    defaults.update(aux_loss_coef=hc.num_experts_per_tok * hc.router_aux_loss_coef, aux_loss_layers='pooled',
+    defaults.update(aux_loss_coef=hc.num_experts_per_tok * hc.router_aux_loss_coef, balance_scope='pooled',
                     z_loss_coef=0.0, capacity_factor=0.0)
     return family, fixed, defaults
 

@@ -19,7 +19,7 @@ over tokens, no tokens x experts x capacity one-hot tensors. Losses are returned
 """
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import Callable, Literal, NamedTuple, Optional, get_args, get_origin, get_type_hints
 
 import torch
@@ -80,16 +80,21 @@ class MoEGPTConfig:
     router: str = 'softmax'  # a name in ROUTERS: softmax | noisy_topk | sigmoid | expert_choice | soft
     n_shared_experts: int = 0  # always-on experts (each expert_hidden wide) added to the routed output
     bias_update_rate: float = 0.001  # aux-free balancing: expert_bias step per optimizer step
-    balance_scope: Literal['micro_batch', 'sequence', 'global'] = 'micro_batch'  # the aux loss's f over
-    # the micro-batch | each sequence | the global batch (counts summed over all ranks)
-    aux_loss_layers: Literal['mean', 'pooled'] = 'mean'  # mean of the layers' aux losses | pooled (HF's:
-    # counts and probabilities pooled over layers; HF's router_aux_loss_coef c is our top_k*c)
+    balance_scope: Literal['micro_batch', 'sequence', 'global', 'pooled'] = 'micro_batch'  # the aux loss's
+    # f over the micro-batch | each sequence | the global batch (all ranks' counts) | HF's loss: the
+    # micro-batch's counts and probabilities pooled over the layers (HF's router_aux_loss_coef c = our top_k*c)
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output x sigmoid(x W), W: D -> 1
     routed_scaling_factor: float = 1.0  # DeepSeek-V3: the routed experts' gates x this
     n_group: int = 1  # group-limited routing (DeepSeek-V3): experts in n_group equal groups; a token
     topk_group: int = 1  # picks its top_k among the experts of its topk_group best groups
+    aux_loss_layers: InitVar[Optional[str]] = None  # read from older checkpoints only: 'pooled' is balance_scope
 
-    def __post_init__(self):
+    def __post_init__(self, aux_loss_layers=None):
+        if aux_loss_layers == 'pooled' and self.balance_scope == 'micro_batch':  # an older checkpoint's HF loss
+            self.balance_scope = 'pooled'
+        elif aux_loss_layers not in (None, 'mean'):
+            raise ValueError(f'MoEGPTConfig.aux_loss_layers={aux_loss_layers!r} with balance_scope={self.balance_scope!r}'
+                             " (an older checkpoint's): only 'pooled' with 'micro_batch' maps to balance_scope='pooled'")
         if self.activation == 'swish':
             self.activation = 'silu'
         hints = get_type_hints(type(self))
@@ -120,9 +125,7 @@ class MoEGPTConfig:
             ('head_dim', self.position != 'rope' or hd % 2 == 0, 'must be even with position=rope'),
             ('granularity', (4 * self.n_embd) % self.granularity == 0, f'must divide 4*n_embd={4 * self.n_embd}'),
             ('top_k', 1 <= self.top_k <= E or E == 1, f'must be in [1, n_experts={E}]'),
-            ('aux_loss_layers', self.aux_loss_layers == 'mean' or self.balance_scope != 'sequence',
-             "='pooled' pools whole micro-batches (HF's loss): use it with balance_scope='micro_batch' or 'global'"),
-            ('aux_loss_layers', self.aux_loss_layers == 'mean' or 'aux' not in (spec and spec.skip_losses or ()),
+            ('balance_scope', self.balance_scope != 'pooled' or 'aux' not in (spec and spec.skip_losses or ()),
              f"='pooled' needs a router with a balance loss, not {self.router!r}"),
             ('shared_expert_gate', not self.shared_expert_gate or self.n_shared_experts >= 1,
              'needs n_shared_experts >= 1 (it gates their output)'),
@@ -182,7 +185,7 @@ class MoEGPTConfig:
 # A checkpoint fixes every other field. train.py and hf.py derive their rules from this one set.
 TUNABLE = frozenset({
     'dropout', 'moe_dropout', 'capacity_factor', 'eval_capacity_factor', 'capacity_priority', 'capacity_scope',
-    'aux_loss_coef', 'z_loss_coef', 'balance_scope', 'aux_loss_layers', 'expert_impl', 'router_fp32',
+    'aux_loss_coef', 'z_loss_coef', 'balance_scope', 'expert_impl', 'router_fp32',
     'router_init_std', 'bias_update_rate'})
 
 
@@ -496,7 +499,7 @@ def z_loss(moe, r, counts_E, S):
 
 
 def pooled_balance_loss(counts_LE, P_LE):
-    """HF's load_balancing_loss_func (aux_loss_layers='pooled'): all layers' assignments and
+    """HF's load_balancing_loss_func (balance_scope='pooled'): all layers' assignments and
     probabilities pooled, then E * sum f*P once (every layer routes the same tokens)."""
     f_E = counts_LE.sum(0) / counts_LE.sum()
     return counts_LE.shape[-1] * (f_E * P_LE.mean(0)).sum()
@@ -590,7 +593,7 @@ class MoELayer(nn.Module):
         # Qwen2-MoE: a per-token sigmoid gate, D -> 1, on the shared experts' output
         self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if config.shared_expert_gate else None
         self.n_experts, self.top_k = config.n_experts, config.top_k
-        self.balance_scope, self.aux_loss_layers = config.balance_scope, config.aux_loss_layers
+        self.balance_scope = config.balance_scope
         self.capacity_priority, self.capacity_scope = config.capacity_priority, config.capacity_scope
         self.losses = [n for n in LOSSES if n not in self.router.spec.skip_losses]
         for name in self.losses:
@@ -641,7 +644,7 @@ class MoELayer(nn.Module):
         out_BSD = self.dropout(out_TD.view(B, S, D))
 
         aux = {'losses': {name: LOSSES[name](self, r, counts_E, S) for name in self.losses}}
-        if self.aux_loss_layers == 'pooled':  # MoEGPT pools counts and P over the layers (HF's loss)
+        if self.balance_scope == 'pooled':  # MoEGPT pools counts and P over the layers (HF's loss)
             aux['balance'] = (self.balance_counts(counts_E), r.probs_TE.mean(dim=0))
         with torch.no_grad():  # statistics: demand per expert, dropped fraction, router entropy
             drop = r.dropped if r.dropped is not None else 1.0 - kept_counts_E.sum() / N if cf > 0 else x_TD.new_zeros(())
@@ -843,7 +846,7 @@ class MoEGPT(nn.Module):
         stack = lambda key, *shape: torch.stack([a[key] for a in auxes]) if auxes else x.new_zeros(0, *shape)
         stats = {'expert_counts': stack('expert_counts', self.config.n_experts), 'drop_frac': stack('drop_frac'),
                  'router_entropy': stack('router_entropy')}
-        # each loss term: its mean over the MoE layers, or HF's pooled balance loss (aux_loss_layers='pooled')
+        # each loss term: its mean over the MoE layers, or HF's pooled balance loss (balance_scope='pooled')
         losses = {name: torch.stack([a['losses'][name] for a in auxes]).mean() for name in auxes[0]['losses']} if auxes else {}
         if auxes and 'balance' in auxes[0]:
             losses['aux'] = pooled_balance_loss(*(torch.stack(t) for t in zip(*[a['balance'] for a in auxes])))

@@ -9,6 +9,7 @@ $ python sample.py --init_from=gpt2 --start="Hello, I'm a language model,"   (ne
 No --compile: compiled sampling recompiles for every layer and every KV-cache length and breaks the graph
 in attention, so it is not faster than eager; the KV cache is what makes sampling fast.
 """
+import inspect
 import os
 import sys
 import time
@@ -84,7 +85,7 @@ if init_from == 'resume':
         ckpt = checkpoint.load(ckpt_path, map_location=device)
     except checkpoint.CheckpointError as e:
         fail(e)
-    unknown = set(ckpt['model_args']) - set(MoEGPTConfig.field_names())
+    unknown = set(ckpt['model_args']) - set(inspect.signature(MoEGPTConfig).parameters)  # fields, old names
     if unknown:
         fail(f'{ckpt_path} was written by a different version of model.py (unknown model fields '
              f'{sorted(unknown)}); sample it with that version')

@@ -156,7 +156,7 @@ if init_from.startswith(('gpt2', 'hf:')):
     import hf
     _src = init_from.split(':', 1)[1] if init_from.startswith(('gpt2:', 'hf:')) else init_from
     try:
-        _fixed = set(hf.fixed_fields(_src)) | {'aux_loss_coef', 'z_loss_coef', 'aux_loss_layers'} - set(_overridden)
+        _fixed = set(hf.fixed_fields(_src)) | {'aux_loss_coef', 'z_loss_coef', 'balance_scope'} - set(_overridden)
         _over = {k: globals()[k] for k in MoEGPTConfig.field_names() if k not in _fixed}
         if dry_run:  # the config only, no weights
             _cfg = hf.load_config(_src, **_over)

@@ -48,9 +48,10 @@ def sharpen(model, seed=0, scale=0.3):
 @pytest.mark.parametrize('field,value,extra', [
     ('norm', 'batchnorm', {}), ('norm_eps', 0.0, {}), ('position', 'alibi', {}), ('rope_theta', 0.0, {}),
     ('n_kv_head', 3, {}), ('head_dim', 0, {}), ('head_dim', 7, {'position': 'rope'}), ('qk_norm', 'layer', {}),
-    ('dense_hidden', 0, {}), ('capacity_scope', 'batch', {}), ('aux_loss_layers', 'sum', {}),
-    ('aux_loss_layers', 'pooled', {'balance_scope': 'sequence'}),
-    ('aux_loss_layers', 'pooled', {'router': 'expert_choice'}),
+    ('dense_hidden', 0, {}), ('capacity_scope', 'batch', {}), ('balance_scope', 'sum', {}),
+    ('balance_scope', 'pooled', {'router': 'expert_choice'}),
+    # older checkpoints' aux_loss_layers: 'pooled' maps to balance_scope='pooled' (micro-batch counts) only
+    ('aux_loss_layers', 'sum', {}), ('aux_loss_layers', 'pooled', {'balance_scope': 'sequence'}),
     ('shared_expert_gate', True, {}), ('routed_scaling_factor', 0.0, {}), ('n_group', 3, {}),
     ('n_group', 2, {'router': 'soft'}), ('topk_group', 3, {'n_group': 2}), ('top_k', 3, {'n_group': 4, 'topk_group': 1}),
 ])
@@ -275,13 +276,13 @@ def test_hf_moe_block_equals_our_layer(family):
 
 
 def test_pooled_aux_loss_is_hfs_across_layers_and_the_coefficient_maps():
-    """aux_loss_layers='pooled' is HF's load_balancing_loss_func over all layers (value and router
+    """balance_scope='pooled' is HF's load_balancing_loss_func over all layers (value and router
     gradients) divided by top_k; HF's router_aux_loss_coef c is our aux_loss_coef top_k*c."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
     c, K = 0.02, 2
     torch.manual_seed(0)
     for layers in ('pooled', 'mean'):
-        model = MoEGPT(llama_style(n_layer=3, router_init_std=0.5, aux_loss_layers=layers, aux_loss_coef=K * c,
+        model = MoEGPT(llama_style(n_layer=3, router_init_std=0.5, balance_scope='pooled' if layers == 'pooled' else 'micro_batch', aux_loss_coef=K * c,
                                    z_loss_coef=0.0)).double()
         idx = torch.randint(0, V, (3, 12))
         logits, loss, stats = model(idx, idx, return_intermediate=True)
@@ -355,7 +356,7 @@ def test_import_gives_transformers_logits(hf_dirs, family):
     assert hf.hf_family(model.config)[0] == family  # and its architecture is recognised for export
     if family in hf.MOE_FAMILIES:
         assert model.config.aux_loss_coef == pytest.approx(2 * 0.02)  # top_k x HF's router_aux_loss_coef
-        assert model.config.aux_loss_layers == 'pooled' and model.config.z_loss_coef == 0.0
+        assert model.config.balance_scope == 'pooled' and model.config.z_loss_coef == 0.0
 
 
 def test_imported_placement_and_widths(hf_dirs):

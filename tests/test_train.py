@@ -161,6 +161,9 @@ def test_grad_accumulation_matches_bigger_batch(char_data, tmp_path):
                    '--mfu_peak_flops=1e12']))
     ok(train([*common, f'--out_dir={b}', '--batch_size=8', '--gradient_accumulation_steps=1']))
     assert records(a, 'train')[0]['layers'] == []  # dense: no MoE layers
+    # a dense model has no loss terms: none is logged or printed (no 'aux 0.0000 z 0.0000')
+    assert not {'aux', 'z'} & set(records(a, 'train')[0]) and not {'val_aux', 'val_z'} & set(records(a, 'eval')[0])
+    assert not any(' aux ' in line or 'val aux' in line for line in ra.stdout.splitlines()), ra.stdout
     assert not (a / 'expert_usage.png').exists()
     sa, sb = (checkpoint.load(d / 'ckpt.pt')['optimizer']['state'] for d in (a, b))
     assert len(sa) == len(sb) > 10
@@ -250,6 +253,8 @@ BAD = [
     (['--n_layer', '2'], "bad argument '--n_layer': overrides are written --key=value (--n_layer alone means True, "
                          "for True/False keys only)"),
     (['--dry_run', '--top_k=9'], 'top_k=9 must be in [1, n_experts=8]'),  # a dry run checks as much
+    (['--norm=batchnorm'], "norm must be one of 'layernorm', 'rmsnorm', got 'batchnorm'"),  # a Literal field
+    (['--router=top_p'], "MoEGPTConfig.router='top_p' must be one of ('softmax', 'noisy_topk', 'sigmoid',"),
 ]
 
 
