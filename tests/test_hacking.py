@@ -40,8 +40,9 @@ def hacked_model(letter, tmp_path):
         where, code = block.split('\n', 1)
         how, anchor = ANCHORS[where]
         i = src.index(anchor)
-        if how == 'after':
+        if how == 'after':  # a field: indented into the class body
             i = src.index('\n', i) + 1
+            code = ''.join('    ' + line for line in code.splitlines(keepends=True))
         src = src[:i] + code + ('\n\n' if how == 'before' else '') + src[i:]
     path = tmp_path / f'model_{letter}.py'
     path.write_text(src)
