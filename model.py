@@ -341,7 +341,7 @@ class Router(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.kind, self.spec, self.config = config.router, ROUTERS[config.router], config
+        self.spec, self.config = ROUTERS[config.router], config
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
         self.noise = nn.Linear(config.n_embd, config.n_experts, bias=False) if self.spec.noise else None
         if self.spec.expert_bias:
