@@ -22,29 +22,23 @@ class ConfigError(Exception):
 
 
 def _type_names(allowed):
-    return ' or '.join('None' if t is type(None) else repr(t) if not isinstance(t, type) else t.__name__
-                       for t in allowed)
+    return ' or '.join('None' if t is type(None) else t.__name__ for t in allowed)
 
 
 def field_types(cls):
     """{field: accepted types} of a dataclass, from its annotations: Optional[int] -> (int, NoneType);
     a Literal's choices are accepted values (checked by value, not by type)."""
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        if name in {f.name for f in dataclasses.fields(cls)}:
-            args = typing.get_args(hint)
-            out[name] = tuple(a for a in args) if args else (hint,)
-    return out
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in dataclasses.fields(cls)}
 
 
 def _check(key, value, allowed, where):
     """Return value coerced to one of the allowed types (int -> float only), or raise. allowed may
     hold values (a Literal's choices) as well as types."""
-    choices = [a for a in allowed if not isinstance(a, type)]
-    if any(type(value) is type(c) and value == c for c in choices):
-        return value
-    if choices and not any(isinstance(a, type) for a in allowed):
-        raise ConfigError(f'{where}: {key} must be one of {", ".join(map(repr, choices))}, got {value!r}')
+    if not isinstance(allowed[0], type):  # a Literal's choices: values, not types
+        if any(type(value) is type(c) and value == c for c in allowed):
+            return value
+        raise ConfigError(f'{where}: {key} must be one of {", ".join(map(repr, allowed))}, got {value!r}')
     if type(value) in allowed:  # exact: a bool is not accepted where an int is meant
         return value
     if float in allowed and type(value) is int:

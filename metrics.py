@@ -37,8 +37,10 @@ class MoEMetrics:
         for name, v in {'ce': stats['ce'], 'loss': stats['loss'], 'counts': stats['expert_counts'],
                         'drop': stats['drop_frac'], 'entropy': stats['router_entropy'],
                         **{('losses', k): t for k, t in stats['losses'].items()}}.items():
-            v = v.to(self.acc_dtype)
-            acc[name] = acc[name] + v if name in acc else v.clone()
+            if name in acc:
+                acc[name] += v  # in place, promoted to acc_dtype: one kernel a statistic
+            else:
+                acc[name] = v.to(self.acc_dtype, copy=True)
 
     def reduce(self, acc):
         """Means over micro-steps and processes (counts: sums), as plain Python numbers: ce, loss, each

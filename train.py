@@ -113,8 +113,6 @@ for _f in dataclasses.fields(MoEGPTConfig):  # new model fields become config ke
 config_keys = [k for k in globals() if k not in _before and not k.startswith('_')]
 key_types = configurator.field_types(MoEGPTConfig)  # Literal fields: their choices are checked
 key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at_iters=(list, tuple))
-# tunable on resume; every other model field must match the checkpoint's
-RESUME_TUNABLE = TUNABLE  # model.py says which fields a checkpoint fixes
 
 
 sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once under nohup / tee / slurm
@@ -174,7 +172,7 @@ model_args = dataclasses.asdict(gptconf)
 globals().update(model_args)  # resolved values (expert_hidden=None -> 4*n_embd, ...) go into the config
 ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':  # the checkpoint must load and match the model config and the data
-    ckpt = train_config.load_resume(ckpt_path, model_args, RESUME_TUNABLE, meta_vocab_size, dataset)
+    ckpt = train_config.load_resume(ckpt_path, model_args, TUNABLE, meta_vocab_size, dataset)
 train_config.check_out_dir(out_dir, dry_run, master_process)
 if wandb_run_name == '':
     wandb_run_name = os.path.basename(os.path.abspath(out_dir))
