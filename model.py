@@ -118,6 +118,8 @@ class MoEGPTConfig:
             *[(k, getattr(self, k) > 0, 'must be > 0') for k in ('norm_eps', 'rope_theta', 'routed_scaling_factor')],
             ('eval_capacity_factor', (self.eval_capacity_factor or 0) >= 0, 'must be None or >= 0 (0 = dropless)'),
             ('router', spec is not None, f'must be one of {tuple(ROUTERS)}'),
+            *[('router', hasattr(self, f'{n}_loss_coef'), f"uses the loss term '{n}', which needs a config field "
+               f'{n}_loss_coef (its weight)') for n in LOSSES if spec and n not in spec.skip_losses],
             ('n_embd', self.n_embd >= 1 and (self.head_dim is not None or self.n_embd % self.n_head == 0),
              f'must be a positive multiple of n_head={self.n_head} (or set head_dim)'),
             ('n_kv_head', self.n_kv_head is None or self.n_head % self.n_kv_head == 0,
@@ -595,10 +597,7 @@ class MoELayer(nn.Module):
         self.n_experts, self.top_k = config.n_experts, config.top_k
         self.balance_scope = config.balance_scope
         self.capacity_priority, self.capacity_scope = config.capacity_priority, config.capacity_scope
-        self.losses = [n for n in LOSSES if n not in self.router.spec.skip_losses]
-        for name in self.losses:
-            if not hasattr(config, f'{name}_loss_coef'):
-                raise ValueError(f"loss term '{name}' needs a config field {name}_loss_coef (its weight)")
+        self.losses = [n for n in LOSSES if n not in self.router.spec.skip_losses]  # each has a coef (config)
         self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
         self.active_experts = self.router.spec.experts_per_token(config)  # routed experts per token: FLOPs
 

@@ -227,3 +227,11 @@ def test_plugged_routers_declarations_agree_with_the_causality_probe(plugged, na
     assert m.config.causal == (d < 1e-12), (name, d)
     assert m.config.batch_dependent == (name == 'batch_centred')
     assert math.isfinite(d)
+
+
+def test_a_loss_term_without_its_coefficient_field_is_refused_by_the_config(plugged):
+    """A registered term needs its <name>_loss_coef: the config says so (train.py prints it as one
+    line, exit 2, before any work), not a traceback from deep in the model."""
+    with pytest.raises(ValueError, match="loss term 'logit_l2', which needs a config field logit_l2_loss_coef"):
+        model.MoEGPTConfig(**TINY)
+    PluggedConfig(**TINY)  # with the field: fine
