@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hardware
+import optim
 from model import MoEGPT, MoEGPTConfig, MoELayer, activation_fn
 
 # ----------------------------------------------------------------------------- sizes
@@ -485,7 +486,7 @@ def build_model(cfg, device, balanced, compile_):
     if balanced:
         for moe in model.moe_layers():
             force_balanced_routing(moe.router)
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+    opt = optim.configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device.type)
     step_model = torch.compile(model) if compile_ else model
     return model, step_model, opt
 

@@ -4,7 +4,6 @@ grouped_mm with its CUDA rules, the gather with a gather backward, and fused-Ada
 model.py's GroupedExperts.forward_loop is the readable reference these must equal
 (tests/test_model.py, and tests/test_cuda_rules.py emulates CUDA's rules on a CPU).
 """
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -88,10 +87,3 @@ class GatherRows(torch.autograd.Function):
         g = grad.index_select(0, inv_idx)
         return (g if ctx.k == 1 else g.view(-1, ctx.k, g.shape[1]).sum(1)), None, None, None
 
-
-def fused_adamw_supported(device_type):
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        return device_type in _get_fused_kernels_supported_devices()
-    except ImportError:  # older torch: CUDA only
-        return device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters

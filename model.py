@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import generation
 from generation import KVCache  # noqa: F401
-from kernels import HAS_GROUPED_MM, GatherRows, fused_adamw_supported, grouped_mlp, use_grouped_mm  # noqa: F401
+from kernels import HAS_GROUPED_MM, GatherRows, grouped_mlp, use_grouped_mm  # noqa: F401
 
 # ----------------------------------------------------------------------------- config
 
@@ -875,21 +875,6 @@ class MoEGPT(nn.Module):
         self.config.block_size = block_size
         if 'wpe' in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, foreach=None):
-        """AdamW; matmul weights, stacked experts and embeddings decay, biases and norms don't (nanoGPT's
-        rule). Fused wherever torch has the kernel (the CPU too: docs/performance.md). A fused or foreach
-        call can't mix plain tensors with FSDP2's DTensors (FSDP2 + expert parallelism, whose expert
-        shards stay plain), so each kind gets param groups of its own. foreach: force it (tests)."""
-        groups = {}
-        for name, p in self.named_parameters():
-            if p.requires_grad:  # the experts' stacked biases are 2-D, and still biases
-                decay = p.dim() >= 2 and not name.endswith(('.b1_EF', '.b2_ED'))
-                groups.setdefault((decay, type(p).__name__ == 'DTensor'), []).append(p)
-        optim_groups = [{'params': ps, 'weight_decay': weight_decay if decay else 0.0}
-                        for (decay, _), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
-        extra = dict(fused=True) if fused_adamw_supported(device_type) and not foreach else dict(foreach=foreach)
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_token(self, experts_per_token=None):
         """Training FLOPs (forward + backward) per token of a full block_size sequence: 6 x the active

@@ -372,7 +372,7 @@ def load_full_state_dict(model, sd, ep_group=None, strict=True):
 
 def _canonical_groups(model, optimizer):
     """The optimizer's param groups as the single-process optimizer has them: groups with the same
-    settings merged (configure_optimizers splits plain tensors from FSDP's DTensors, which fused /
+    settings merged (optim.configure_optimizers splits plain tensors from FSDP's DTensors, which fused /
     foreach AdamW can't mix), parameters in model order. Returns [(settings, [param, ...])]."""
     order = {id(p): i for i, p in enumerate(unwrap(model).parameters())}
     merged = {}

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import checkpoint
 import configurator
 import hardware
+import optim
 import parallel
 import train_config
 from guard import Guard
@@ -264,7 +265,7 @@ if master_process:
           f'{n_moe} MoE layers x {E} experts, top-{top_k}; device {device}, dtype {dtype}, compile {compile}')
 parallel.shard(model, ep_groups, fsdp)  # EP slices the full (loaded) experts; before the optimizer is built
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = optim.configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type)
 if ckpt is not None:
     checkpoint.restore_run(ckpt, model, optimizer, scaler, data_gen, sharded,
                            reseed=None if master_process else seed + rank + world_size * iter_num)

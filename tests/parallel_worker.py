@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
+import optim  # noqa: E402
 import parallel  # noqa: E402
 from model import MoEGPT, MoEGPTConfig  # noqa: E402
 
@@ -120,7 +121,7 @@ def check_equivalence(name, ep_groups):
 def make_opt(model, foreach=None):
     """foreach=True groups tensors by device and dtype in one multi-tensor call, as fused AdamW does
     on CUDA: a group mixing plain tensors with FSDP's DTensors fails there."""
-    return parallel.unwrap(model).configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu', foreach=foreach)
+    return optim.configure_optimizers(parallel.unwrap(model), 0.1, 1e-2, (0.9, 0.99), 'cpu', foreach=foreach)
 
 
 def step_single(model, opt, X, Y, clip):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import optim
 from model import HAS_GROUPED_MM, MoEGPT, MoEGPTConfig, MoELayer, use_grouped_mm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='not applicable: no CUDA device')
@@ -41,7 +42,7 @@ def test_auto_takes_grouped_mm_in_bf16():
 def test_compiled_bf16_training_with_capacity_learns_no_nan(capacity_factor):
     torch.manual_seed(0)
     model = MoEGPT(small_config(capacity_factor=capacity_factor)).to(DEV)
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cuda')
+    opt = optim.configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), 'cuda')
     step = torch.compile(model)
     losses, drops = [], []
     for it in range(40):
@@ -104,7 +105,7 @@ def test_no_host_sync_in_a_training_step():
     waiting for the GPU (torch.cuda.set_sync_debug_mode('error') raises on any synchronising op)."""
     torch.manual_seed(0)
     model = MoEGPT(small_config()).to(DEV)
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cuda')
+    opt = optim.configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), 'cuda')
     x, y = batch(0)
 
     def step():

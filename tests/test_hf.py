@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import hf
+import optim
 from conftest import REPO
 from model import MoEGPT, MoEGPTConfig, MoELayer
 
@@ -387,7 +388,7 @@ def test_training_steps_after_import(hf_dirs, family):
     path, idx, _ = hf_dirs[family]
     torch.manual_seed(0)
     model = hf.load(path).train()
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    opt = optim.configure_optimizers(model, 0.0, 3e-3, (0.9, 0.95), 'cpu')
     losses = []
     for _ in range(6):
         _, loss, stats = model(idx, idx)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import optim  # noqa: E402
 from model import (HAS_GROUPED_MM, MoEGPT, MoEGPTConfig, MoELayer, activation_fn,  # noqa: E402
                    load_balancing_loss, router_z_loss)
 
@@ -455,7 +456,7 @@ def test_bf16_autocast_cpu_trains(impl):
 def test_generate_and_a_few_training_steps_reduce_loss():
     torch.manual_seed(0)
     model = MoEGPT(tiny_config(n_experts=4, top_k=2))
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu')
+    opt = optim.configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), 'cpu')
     idx = torch.randint(0, 37, (4, 16))
     first = None
     for _ in range(30):
@@ -473,7 +474,7 @@ def test_generate_and_a_few_training_steps_reduce_loss():
 def test_optimizer_groups_decay_weights_not_biases():
     """nanoGPT's rule, for stacked experts too: (E, F) expert biases are biases (no decay)."""
     model = MoEGPT(tiny_config(bias=True))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    opt = optim.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu')
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
     no_decay = {names[id(p)] for g in opt.param_groups if g['weight_decay'] == 0 for p in g['params']}

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import checkpoint
+import optim
 from model import MoEGPT, MoEGPTConfig, MoELayer, activation_fn, load_balancing_loss, sequence_balancing_loss
 
 
@@ -280,7 +281,7 @@ def test_variant_trains_and_survives_checkpoint(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         model = MoEGPT(MoEGPTConfig(**args))
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu')
+    opt = optim.configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), 'cpu')
     idx = torch.randint(0, 23, (4, 16))
     losses = []
     for _ in range(8):

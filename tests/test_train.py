@@ -521,12 +521,13 @@ import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 import hardware
 from model import MoEGPT, MoEGPTConfig
+import optim
 torch.set_num_threads(1)
 applied = sys.argv[2] == '1' and hardware.keep_freed_memory()
 torch.manual_seed(0)
 m = MoEGPT(MoEGPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, n_experts=1,
                         expert_hidden=512, dropout=0.0))
-opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+opt = optim.configure_optimizers(m, 0.1, 1e-3, (0.9, 0.99), 'cpu')
 x = torch.randint(0, 65, (12, 64))
 def step():
     m(x, x)[1].backward(); opt.step(); opt.zero_grad(set_to_none=True)
