@@ -176,7 +176,8 @@ def skip_routing(layer):
         B, S, D = x_BSD.shape
         T, E, K = B * S, layer.n_experts, layer.top_k
         counts_E = torch.full((E,), T * K // E, device=x_BSD.device)
-        y_ND = layer.experts(x_BSD.reshape(T, D).repeat(K, 1), counts_E)       # (T*K, D), K copies
+        expert_N = torch.arange(E, device=x_BSD.device).repeat_interleave(T * K // E)
+        y_ND = layer.experts(x_BSD.reshape(T, D).repeat(K, 1), counts_E, expert_N)  # (T*K, D), K copies
         zero = x_BSD.new_zeros(())
         aux = dict(losses={}, expert_counts=counts_E.float(), drop_frac=zero, router_entropy=zero)
         return y_ND.view(K, T, D).mean(0).view(B, S, D), aux

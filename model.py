@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import generation
 from generation import KVCache  # noqa: F401
-from kernels import HAS_GROUPED_MM, GatherRows, grouped_mlp, use_grouped_mm  # noqa: F401
+from kernels import HAS_GROUPED_MM, SortRows, UnsortRows, grouped_mlp, use_grouped_mm  # noqa: F401
 
 # ----------------------------------------------------------------------------- config
 
@@ -299,7 +299,7 @@ class Routing(NamedTuple):
     """What every router returns. Rows are (token, expert, gate) assignments, any number per token,
     a token's rows in its order of preference (what capacity keeps first). k > 0 says every token has
     exactly k rows, token-major (row t*k + j): the layer then takes its gather fast path."""
-    token_N: torch.Tensor   # (N,) int64: the token of each row, in 0..T-1
+    token_N: Optional[torch.Tensor]  # (N,) int64: the token of each row, in 0..T-1 (None when k > 0: t = row // k)
     expert_N: torch.Tensor  # (N,) int64: its expert, in 0..E-1
     gate_N: torch.Tensor    # (N,) the weight of that expert's output in the token's sum
     logits_TE: torch.Tensor  # (T, E) router logits (z-loss, logs)
@@ -310,6 +310,11 @@ class Routing(NamedTuple):
     def topk(self):
         """(ids_TK, gates_TK) of a fixed-k routing."""
         return self.expert_N.view(-1, self.k), self.gate_N.view(-1, self.k)
+
+    def tokens(self):
+        """token_N, built only when something needs it (the k fast path does not)."""
+        return self.token_N if self.token_N is not None else torch.arange(
+            self.expert_N.shape[0], device=self.expert_N.device) // self.k
 
 
 @dataclass(frozen=True)
@@ -368,29 +373,35 @@ class Router(nn.Module):
     def current_capacity_factor(self):
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
-    def topk(self, logits_TE, probs_TE, scores_TE=None, select_TE=None):
+    def topk(self, logits_TE, probs_TE=None, scores_TE=None, select_TE=None):
         """Each token's top_k experts by select (default: probs; group-limited if n_group > 1), gated
-        by scores (default: probs), renormalised (norm_topk_prob) and scaled (routed_scaling_factor)."""
+        by scores (default: probs), renormalised (norm_topk_prob) and scaled (routed_scaling_factor).
+        probs_TE=None: the softmax of the logits."""
+        softmax = probs_TE is None and scores_TE is None and select_TE is None and self.config.n_group == 1
+        probs_TE = F.softmax(logits_TE, dim=-1) if probs_TE is None else probs_TE
         scores_TE = probs_TE if scores_TE is None else scores_TE
         select_TE = scores_TE if select_TE is None else select_TE
         if self.config.n_group > 1:
             select_TE = limit_to_groups(select_TE, self.config.n_group, self.config.topk_group)
-        T, K = select_TE.shape[0], self.top_k
-        ids_TK = torch.topk(select_TE, K, dim=-1).indices
-        gates_TK = scores_TE.gather(1, ids_TK)
-        if self.norm_topk_prob:
-            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        if softmax and self.norm_topk_prob:  # the renormalised top-k probabilities are the softmax of the
+            # top-k logits (Mixtral's form): one kernel each way instead of a sum and a division
+            best_TK, ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
+            gates_TK = F.softmax(best_TK, dim=-1)
+        else:
+            best_TK, ids_TK = torch.topk(select_TE, self.top_k, dim=-1)
+            gates_TK = best_TK if select_TE is scores_TE else scores_TE.gather(1, ids_TK)
+            if self.norm_topk_prob:
+                gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
         if self.config.routed_scaling_factor != 1.0:
             gates_TK = gates_TK * self.config.routed_scaling_factor
-        token_N = torch.arange(T * K, device=ids_TK.device) // K                  # row t*K + j is token t's
-        return Routing(token_N, ids_TK.reshape(-1), gates_TK.reshape(-1), logits_TE, probs_TE, k=K)
+        return Routing(None, ids_TK.reshape(-1), gates_TK.reshape(-1), logits_TE, probs_TE, k=self.top_k)
 
 
 @register_router('softmax', groups=True)
 def softmax_topk(router, x_TD):
     """Switch (top-1) and Mixtral (top-2, renormalised): softmax over experts, top-k."""
     logits_TE = router.logits(x_TD)
-    return router.topk(logits_TE, F.softmax(logits_TE, dim=-1))
+    return router.topk(logits_TE)
 
 
 @register_router('noisy_topk', groups=True, noise=True)
@@ -399,7 +410,7 @@ def noisy_topk(router, x_TD):
     logits_TE = router.logits(x_TD)
     if router.training:
         logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(router.logits(x_TD, router.noise.weight))
-    return router.topk(logits_TE, F.softmax(logits_TE, dim=-1))
+    return router.topk(logits_TE)
 
 
 @register_router('sigmoid', groups=True, expert_bias=True)
@@ -417,7 +428,7 @@ def sigmoid_topk(router, x_TD):
 def soft_mixture(router, x_TD):
     """Every expert, weighted by its softmax probability (seed 000's dense Soft MoE)."""
     logits_TE = router.logits(x_TD)
-    return router.topk(logits_TE, F.softmax(logits_TE, dim=-1))
+    return router.topk(logits_TE)
 
 
 @register_router('expert_choice', causal=False, batch_dependent=True, capacity=False, skip_losses=('aux',),
@@ -466,8 +477,7 @@ def load_balancing_loss(probs_TE, counts_E):
     """Switch Transformer aux loss, E * sum_i f_i * P_i. f_i: the fraction of the assignments that went
     to expert i (a count: no gradient); P_i: the mean router probability of expert i. Uniform routing
     gives exactly 1.0 for any number of experts per token."""
-    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum()
-    return probs_TE.shape[-1] * (f_E * probs_TE.mean(dim=0)).sum()
+    return probs_TE.shape[-1] * torch.dot(counts_E.to(probs_TE.dtype), probs_TE.mean(dim=0)) / counts_E.sum()
 
 
 def sequence_balancing_loss(probs_BSE, counts_BE):
@@ -484,8 +494,9 @@ def balance_loss(moe, r, counts_E, S):
     E = moe.n_experts
     if moe.balance_scope == 'sequence':
         B = r.probs_TE.shape[0] // S
+        token_N = r.tokens()
         counts_BE = r.probs_TE.new_zeros(B * E).index_add_(                    # (B*E,) rows per (sequence, expert)
-            0, r.token_N // S * E + r.expert_N, torch.ones_like(r.token_N, dtype=r.probs_TE.dtype))
+            0, token_N // S * E + r.expert_N, torch.ones_like(token_N, dtype=r.probs_TE.dtype))
         return sequence_balancing_loss(r.probs_TE.view(B, S, E), counts_BE.view(B, E))
     return load_balancing_loss(r.probs_TE, moe.balance_counts(counts_E))
 
@@ -547,16 +558,16 @@ class GroupedExperts(nn.Module):
     def use_grouped(self, x):
         return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
 
-    def forward(self, x_ND, counts_E, kept_N1=None):
-        """x_ND: rows sorted by expert; counts_E: rows per expert. kept_N1 (capacity): False on the
-        dropped rows past sum(counts_E), whose output must be exactly 0."""
+    def forward(self, x_ND, counts_E, expert_N, kept_N1=None):
+        """x_ND: rows sorted by expert; counts_E: rows per expert; expert_N: each row's expert. kept_N1
+        (capacity): False on the dropped rows past sum(counts_E), whose output must be exactly 0."""
         dt = compute_dtype(x_ND)
         x_ND = x_ND.to(dt)
         w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
-        b1_EF, b2_ED = (b.to(dt) if b is not None else None for b in (self.b1_EF, self.b2_ED))
         if self.use_grouped(x_ND):  # kernels.py: the same math in two grouped_mm calls, CUDA's rules kept
             act = lambda h: activation_fn(self.activation, h)
-            return grouped_mlp(x_ND, w1_EDF, b1_EF, w2_EHD, b2_ED, counts_E, kept_N1, act)
+            return grouped_mlp(x_ND, w1_EDF, self.b1_EF, w2_EHD, self.b2_ED, counts_E, expert_N, kept_N1, act)
+        b1_EF, b2_ED = (b.to(dt) if b is not None else None for b in (self.b1_EF, self.b2_ED))
         return self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, b1_EF, w2_EHD, b2_ED)
 
     def forward_loop(self, x_ND, counts, w1_EDF, b1_EF, w2_EHD, b2_ED):
@@ -618,19 +629,18 @@ class MoELayer(nn.Module):
         if cf > 0:
             kept_N1 = (sorted_expert_N < E).unsqueeze(1)                      # (N, 1) False on dropped rows
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
-        if r.k:  # fast path, every token has k rows: gathers both ways (no atomic adds in backward)
-            rows_of_A = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(N, device=x_TD.device))
-            x_ND = GatherRows.apply(xc_TD, order_N // r.k, rows_of_A, r.k)   # (N, D) expert-sorted
+        if r.k:  # fast path, every token has k rows: permutations both ways (no atomic adds in backward)
+            x_ND = SortRows.apply(xc_TD, order_N, r.k)                       # (N, D) expert-sorted
         else:
             token_N = r.token_N.index_select(0, order_N)                      # (N,) token of each sorted row
             x_ND = xc_TD.index_select(0, token_N)                             # (N, D) expert-sorted
         if kept_N1 is not None:
             x_ND = torch.where(kept_N1, x_ND, 0)
-        y_ND = self.experts(x_ND, kept_counts_E, kept_N1)                     # (N, D)
+        y_ND = self.experts(x_ND, kept_counts_E, sorted_expert_N, kept_N1)    # (N, D)
         if kept_N1 is not None:
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
         if r.k:
-            y_TKD = GatherRows.apply(y_ND, rows_of_A, order_N, 1).view(T, r.k, D)  # back to token order
+            y_TKD = UnsortRows.apply(y_ND, order_N).view(T, r.k, D)          # back to token order
             out_TD = (y_TKD * r.gate_N.view(T, r.k, 1).to(y_TKD.dtype)).sum(1)   # (T, D) gate-weighted sum
         else:
             y_ND = y_ND * r.gate_N.index_select(0, order_N).unsqueeze(1).to(y_ND.dtype)
@@ -642,16 +652,17 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
         out_BSD = self.dropout(out_TD.view(B, S, D))
 
+        counts_E = counts_E.float()  # one copy for the loss terms and the statistics
         aux = {'losses': {name: LOSSES[name](self, r, counts_E, S) for name in self.losses}}
         if self.balance_scope == 'pooled':  # MoEGPT pools counts and P over the layers (HF's loss)
             aux['balance'] = (self.balance_counts(counts_E), r.probs_TE.mean(dim=0))
         with torch.no_grad():  # statistics: demand per expert, dropped fraction, router entropy
             drop = r.dropped if r.dropped is not None else 1.0 - kept_counts_E.sum() / N if cf > 0 else x_TD.new_zeros(())
-            aux.update(expert_counts=counts_E.float(), drop_frac=drop.float(),
-                       router_entropy=-(r.probs_TE * r.probs_TE.clamp_min(1e-20).log()).sum(-1).mean().float())
+            aux.update(expert_counts=counts_E, drop_frac=drop.float(),
+                       router_entropy=torch.special.entr(r.probs_TE).sum(-1).mean().float())
         if return_intermediate:
             aux['routing'] = {'router_logits': r.logits_TE.view(B, S, E), 'router_probs': r.probs_TE.view(B, S, E),
-                              'token_N': r.token_N, 'expert_N': r.expert_N, 'gate_N': r.gate_N}
+                              'token_N': r.tokens(), 'expert_N': r.expert_N, 'gate_N': r.gate_N}
             if r.k:
                 ids_TK, gates_TK = r.topk()
                 aux['routing'].update(topk_ids=ids_TK.view(B, S, -1), topk_weights=gates_TK.view(B, S, -1))
@@ -664,9 +675,9 @@ class MoELayer(nn.Module):
         can drop an earlier token's second choice). Returns each row's expert (E if dropped, so it sorts
         past every expert and computes zero) and the kept rows per expert."""
         E, T, N = self.n_experts, B * S, r.expert_N.shape[0]
-        token_N = r.token_N
+        token_N = r.tokens() if not r.k or self.capacity_scope == 'sequence' else None
         if r.k:  # k rows per token, token-major: the priority order is a transpose
-            a_BSK = torch.arange(N, device=token_N.device).view(B, S, r.k)
+            a_BSK = torch.arange(N, device=r.expert_N.device).view(B, S, r.k)
             order_P = (a_BSK.permute(1, 2, 0) if self.capacity_priority == 'position'   # (s, j, b) order
                        else a_BSK.view(T, r.k).t()).reshape(-1)                         # (j, t) order
         else:  # j: which choice of its token a row is (0 = first)
@@ -698,8 +709,8 @@ class MoELayer(nn.Module):
 
     def balance_counts(self, counts_E):
         """The loads f is made of: this micro-batch's, or the global batch's (all ranks)."""
-        counts_E = counts_E.float()  # a copy: the routing's counts also go to the stats
         if self.balance_scope == 'global' and torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts_E = counts_E.clone()  # the statistics keep this micro-batch's demand
             torch.distributed.all_reduce(counts_E)  # the global batch's loads; P stays local
         return counts_E
 
@@ -817,9 +828,10 @@ class MoEGPT(nn.Module):
         """Whether train.py must call update_expert_bias after each optimizer step."""
         return any(moe.router.spec.expert_bias for moe in self.moe_layers())
 
-    def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None):
+    def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None, return_logits=True):
         """Returns (logits, loss, stats). loss = ce + sum of config.<name>_loss_coef * losses[name] (None
-        without targets); stats holds detached tensors for logging: 'ce', 'loss', 'losses' ({name: term},
+        without targets); return_logits=False (training): logits is None and the LM head + CE run in
+        chunks (torch's linear_cross_entropy), so the (B*S, vocab) logits never exist at once. stats holds detached tensors for logging: 'ce', 'loss', 'losses' ({name: term},
         empty for a dense model), and per MoE layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,),
         'router_entropy' (L_moe,), plus 'routing' (one dict per MoE layer) when return_intermediate.
         kv_cache (a KVCache, generation only): idx continues the cached tokens; filled in place."""
@@ -852,22 +864,24 @@ class MoEGPT(nn.Module):
         stats['losses'] = {name: v.detach() for name, v in losses.items()}
         if return_intermediate:
             stats['routing'] = [a['routing'] for a in auxes]
-        if targets is not None:
+        logits = loss = None
+        if targets is None:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
+        elif return_logits or not hasattr(F, 'linear_cross_entropy'):  # torch < 2.13 has no chunked form
             logits = self.lm_head(x)
             # CE in at least fp32: bf16 logits lose the small differences the loss is made of
-            logits_flat = logits.view(-1, logits.size(-1))
-            ce = F.cross_entropy(logits_flat.to(torch.promote_types(logits.dtype, torch.float32)),
+            ce = F.cross_entropy(logits.view(b * t, -1).to(torch.promote_types(logits.dtype, torch.float32)),
                                  targets.view(-1), ignore_index=-1)
+        else:
+            ce = F.linear_cross_entropy(x.view(b * t, -1), self.lm_head.weight, targets.view(-1), ignore_index=-1,
+                                        options=nn.LinearCrossEntropyOptions())
+        if targets is not None:
             # The one loss: ce + each term x its coefficient. A dense model's is ce itself (not ce + 0:
             # inductor folds that to ce, and returning ce.detach() beside it marks it non-differentiable)
             loss = ce
             for name, term in losses.items():
                 loss = loss + getattr(self.config, f'{name}_loss_coef') * term
-            stats['loss'] = loss.detach()
-            stats['ce'] = ce.detach()
-        else:
-            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
-            loss = None
+            stats['loss'], stats['ce'] = loss.detach(), ce.detach()
         return logits, loss, stats
 
     def crop_block_size(self, block_size):

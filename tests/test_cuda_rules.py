@@ -155,7 +155,7 @@ def test_expert_bias_grads_accumulate_like_a_dense_linear_under_bf16():
     x = torch.randn(N, 16)
     g = (torch.rand(N, 16) + 1.0).to(torch.bfloat16)  # positive: the errors can't cancel
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        y = ex(x, counts)
+        y = ex(x, counts, ids)
     assert y.dtype == torch.bfloat16
     y.backward(g)
     ref = torch.zeros(2, 16, dtype=torch.float64).index_add_(0, ids, g.double())
@@ -168,6 +168,44 @@ def test_expert_bias_grads_accumulate_like_a_dense_linear_under_bf16():
     rel_dense = ((dense.bias.grad.double() - ref[0]).abs() / ref[0]).max().item()
     assert rel <= max(2 * rel_dense, 2 ** -8), \
         f'expert bias gradient off by {rel:.2%} (a dense Linear: {rel_dense:.2%})'
+
+
+class _Sm100GroupedMM(_CudaGroupedMM):
+    """pytorch/pytorch#172439 as reported on B200: an expert with no rows gets a non-zero weight gradient."""
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_a, grad_b, _ = _CudaGroupedMM.backward(ctx, g)
+        counts = torch.diff(ctx.saved_tensors[2], prepend=ctx.saved_tensors[2].new_zeros(1))
+        grad_b[counts == 0] = 7.0
+        return grad_a, grad_b, None
+
+
+@pytest.mark.parametrize('guard', [False, True])
+def test_experts_with_no_rows_get_zero_weight_gradients_where_grouped_mm_is_unreliable(monkeypatch, guard):
+    """With sm100's reported bug emulated, the guard (on where kernels.empty_expert_grads_unreliable
+    says so) zeroes the weight gradient of every expert that got no rows; the others equal the loop's.
+    Without the guard the emulated garbage shows: the test sees the bug it guards against."""
+    import kernels
+    monkeypatch.setattr(F, 'grouped_mm', lambda a, b, *, offs=None: _Sm100GroupedMM.apply(a, b, offs))
+    monkeypatch.setattr(kernels, 'empty_expert_grads_unreliable', lambda device: guard)
+    cfg = MoEGPTConfig(n_embd=16, n_head=2, n_experts=4, top_k=1, expert_hidden=16, bias=False,
+                       expert_impl='grouped', block_size=8, vocab_size=8)
+    counts, x, g = torch.tensor([3, 0, 5, 0]), torch.randn(8, 16), torch.randn(8, 16)
+    ids = torch.arange(4).repeat_interleave(counts)
+    grads = {}
+    for impl in ('grouped', 'loop'):
+        torch.manual_seed(0)
+        ex = GroupedExperts(cfg)
+        ex.expert_impl = impl
+        ex(x, counts, ids).backward(g)
+        grads[impl] = (ex.w1_EDF.grad, ex.w2_EHD.grad)
+    for got, ref in zip(grads['grouped'], grads['loop']):
+        assert torch.equal(ref[[1, 3]], torch.zeros_like(ref[[1, 3]]))
+        if guard:
+            torch.testing.assert_close(got, ref)
+        else:
+            assert (got[[1, 3]] == 7.0).all()
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -239,8 +277,8 @@ def test_compiles_for_every_dtype_train_py_allows(dtype, impl, capacity_factor):
 
 @pytest.mark.parametrize('capacity_factor', [0.0, 1.25])
 def test_inductor_compiles_the_gpu_graph(capacity_factor):
-    """The graph a GPU compiles (grouped_mm in bf16 autocast, biases folded into it, GatherRows both
-    ways), lowered by inductor itself rather than aot_eager, on the CPU kernels: equal to eager."""
+    """The graph a GPU compiles (grouped_mm in bf16 autocast, ExpertBias adds, SortRows / UnsortRows
+    both ways), lowered by inductor itself rather than aot_eager, on the CPU kernels: equal to eager."""
     layer = make_layer(capacity_factor=capacity_factor, bias=True)
     layer.experts.expert_impl = 'grouped'
     x, g = torch.randn(2, 16, 16), torch.randn(2, 16, 16)

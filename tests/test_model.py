@@ -151,8 +151,8 @@ def test_dropless_equals_naive_float64_reference(activation, norm):
 @pytest.mark.parametrize('expert_impl', ['loop', 'grouped'] if HAS_GROUPED_MM else ['loop'])
 @pytest.mark.parametrize('activation', ['gelu', 'swiglu'])
 def test_dropless_gradients_equal_naive_float64_reference(expert_impl, activation):
-    """The dispatch's backward (GatherRows' gathers, the sum over k, the biases folded into
-    grouped_mm) against autograd through the per-token loop in float64: input, router, expert weights,
+    """The dispatch's backward (SortRows' index_copy and sum over k, UnsortRows' gather, ExpertBias'
+    segmented sums) against autograd through the per-token loop in float64: input, router, expert weights,
     biases. grouped_mm has no float64 kernel: that path runs in float32 (same weights)."""
     dtype, tol = (torch.float32, 1e-5) if expert_impl == 'grouped' else (torch.float64, 1e-10)
     grads = []
@@ -171,23 +171,78 @@ def test_dropless_gradients_equal_naive_float64_reference(expert_impl, activatio
         assert err < tol, (name, err)
 
 
+def test_chunked_lm_head_cross_entropy_equals_the_plain_path():
+    """return_logits=False (train.py's step): the LM head and CE through torch's chunked
+    linear_cross_entropy, never the whole logits; loss and every gradient equal the plain path in
+    float64 (targets with ignored positions too), and under bf16 autocast within bf16 rounding."""
+    cfg = tiny_config(n_experts=4, top_k=2, vocab_size=512, n_embd=16, block_size=64)
+    idx = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    tgt = idx.roll(-1, 1)
+    tgt[:, -3:] = -1
+    for dtype, ctx, tol in ((torch.float64, torch.autocast('cpu', enabled=False), 1e-12),
+                            (torch.float32, torch.autocast('cpu', dtype=torch.bfloat16), 2e-2)):
+        runs = []
+        for return_logits in (True, False):
+            torch.manual_seed(0)
+            model = MoEGPT(cfg).to(dtype)
+            with ctx:
+                logits, loss, stats = model(idx, tgt, return_logits=return_logits)
+            loss.backward()
+            runs.append((logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        (logits, loss_ref, g_ref), (none, loss, g) = runs
+        assert none is None and logits.shape == (4, 64, 512)
+        assert abs(loss.item() - loss_ref.item()) <= tol * abs(loss_ref.item())
+        for n in g_ref:
+            err = ((g[n].double() - g_ref[n].double()).abs().max() / g_ref[n].double().abs().max()).item()
+            assert err <= tol * 5, (dtype, n, err)
+
+
 @pytest.mark.parametrize('k', [1, 3])
-def test_gather_rows_backward_equals_index_select_backward(k):
-    """GatherRows (every row taken k times; the backward a gather and a sum) against index_select's
-    autograd, float64, and gradcheck."""
-    from model import GatherRows
+def test_sort_rows_and_unsort_rows_equal_index_select_autograd(k):
+    """SortRows (token rows in expert order; backward an index_copy and a sum over k) and UnsortRows
+    (the inverse permutation; backward a gather) against index_select's own autograd, float64, and
+    gradcheck."""
+    from kernels import SortRows, UnsortRows
     n = 5
-    shuffle = torch.randperm(n * k, generator=torch.Generator().manual_seed(0))
-    idx = torch.arange(n).repeat_interleave(k)[shuffle]
-    inv = torch.argsort(idx, stable=True)  # output rows holding row i's copies: inv[i*k:(i+1)*k]
+    order = torch.randperm(n * k, generator=torch.Generator().manual_seed(0))  # row r of the sort <- assignment order[r]
     x = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
     g = torch.randn(n * k, 3, dtype=torch.float64)
-    out = GatherRows.apply(x, idx, inv, k)
-    assert torch.equal(out, x[idx])
+    out = SortRows.apply(x, order, k)
+    assert torch.equal(out, x[order // k])
     ours, = torch.autograd.grad(out, x, g)
-    ref, = torch.autograd.grad(x.index_select(0, idx), x, g)
+    ref, = torch.autograd.grad(x.index_select(0, order // k), x, g)
     assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda v: GatherRows.apply(v, idx, inv, k), (x,))
+    assert torch.autograd.gradcheck(lambda v: SortRows.apply(v, order, k), (x,))
+    y = torch.randn(n * k, 3, dtype=torch.float64, requires_grad=True)
+    back = UnsortRows.apply(y, order)
+    assert torch.equal(back.index_select(0, order), y)  # the inverse: sorting again gives y
+    ours, = torch.autograd.grad(back, y, g)
+    ref, = torch.autograd.grad(y.index_select(0, torch.argsort(order)), y, g)
+    assert torch.equal(ours, ref)
+    assert torch.autograd.gradcheck(lambda v: UnsortRows.apply(v, order), (y,))
+
+
+@pytest.mark.parametrize('dropped', [0, 3])
+def test_expert_bias_equals_index_select_autograd(dropped):
+    """ExpertBias (a pointwise add; the bias gradient one segmented sum per expert, no atomic adds)
+    against h + b[expert] through index_select's autograd, float64 and gradcheck; rows past
+    sum(counts) (dropped by capacity) get no gradient into b."""
+    from kernels import ExpertBias
+    counts = torch.tensor([2, 0, 4, 1])
+    expert = torch.cat([torch.arange(4).repeat_interleave(counts), torch.full((dropped,), 3)])
+    kept = counts.sum().item()
+    h = torch.randn(kept + dropped, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(kept + dropped, 5, dtype=torch.float64)
+    out = ExpertBias.apply(h, b, expert, counts)
+    assert torch.equal(out, h + b[expert])
+    ours = torch.autograd.grad(out, (h, b), g)
+    g_kept = torch.cat([g[:kept], torch.zeros(dropped, 5, dtype=torch.float64)])
+    ref = (g, torch.autograd.grad(h + b.index_select(0, expert), b, g_kept)[0])
+    for a_, r_ in zip(ours, ref):
+        assert torch.allclose(a_, r_, rtol=0, atol=1e-12)
+    if not dropped:
+        assert torch.autograd.gradcheck(lambda hh, bb: ExpertBias.apply(hh, bb, expert, counts), (h, b))
 
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch.nn.functional.grouped_mm needs torch >= 2.8')
