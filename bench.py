@@ -11,6 +11,11 @@ absolute times drift on a shared machine, ratios taken this way mostly don't.
   python bench.py --device cuda --compile   # GPU: bf16, GPT-2-small sized model step, torch.compile
   python bench.py --balanced --json      # uniform routing (kernel speed without load skew), JSON out
   python bench.py --baseline OLD.py      # another model.py (git show REV:model.py), timed beside ours
+  python bench.py --profile --kernels-out kernels.txt   # + the top-30 kernel table of section 2's steps
+
+Every run first prints the aten ops per MoE layer and per dense MLP of equal FLOPs, forward and backward
+(layer_op_counts: the grouped path, bf16 autocast, on the CPU, biases on and off): the regression number
+for "less work per layer".
 
 Sections
  1. MoE layer forward+backward. Ours (model.MoELayer, expert_impl grouped | loop | auto) against
@@ -20,8 +25,11 @@ Sections
                 einsum/bmm, capacity factor 1.25 (overflow dropped)
       dense:    one MLP of hidden top_k*expert_hidden: the same active FLOPs; the target to reach
       baseline: (--baseline FILE) the MoELayer of another model.py, same weights: did a change help?
- 2. Whole-model training step (fwd+bwd+AdamW): tokens/s and MFU on active params, MoE vs the dense
-    model of equal active FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd).
+ 2. Whole-model training step (fwd+bwd+AdamW), steady state: --steps steps back to back per timed
+    call, synced only before the first and after the last (as a training loop runs); tokens/s, MFU on
+    active params, MoE step / dense step, peak memory, for MoE and the dense model of equal active
+    FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd), built side by side in one run.
+    2p (--profile): torch.profiler over a few such steps of each: top 30 CUDA kernels (CPU: aten ops).
     2b (CPU): the same at nanoGPT's CPU recipe (config/moe_8e_cpu.py sizes), experts 4D/top_k wide
     against nanoGPT's dense model: the routing overhead of a small model, where it weighs most; and
     the floor under it, the same MoE with its routing made free (skip_routing).
@@ -930,9 +938,10 @@ def print_report(res):
 
     if res.get('recipe'):
         print('\n## 2b. steady-state training step at the CPU recipe (config/moe_8e_cpu.py sizes), equal active FLOPs')
-        print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'speed vs dense'],
+        print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'speed vs dense', 'step / dense step'],
                     [[r['model'], f"{r['params_total'] / 1e6:.2f}M", f"{r['params_active'] / 1e6:.2f}M",
-                      f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", fmt(r.get('vs_dense'))] for r in res['recipe']])
+                      f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", fmt(r.get('vs_dense')),
+                      fmt(r.get('step_vs_dense'))] for r in res['recipe']])
 
     if res['memory']:
         print('\n## 3. peak memory of a training step')
