@@ -11,6 +11,11 @@ absolute times drift on a shared machine, ratios taken this way mostly don't.
   python bench.py --device cuda --compile   # GPU: bf16, GPT-2-small sized model step, torch.compile
   python bench.py --balanced --json      # uniform routing (kernel speed without load skew), JSON out
   python bench.py --baseline OLD.py      # another model.py (git show REV:model.py), timed beside ours
+  python bench.py --profile --kernels-out kernels.txt   # + the top-30 kernel table of section 2's steps
+
+Every run first prints the aten ops per MoE layer and per dense MLP of equal FLOPs, forward and backward
+(layer_op_counts: the grouped path, bf16 autocast, on the CPU, biases on and off): the regression number
+for "less work per layer".
 
 Sections
  1. MoE layer forward+backward. Ours (model.MoELayer, expert_impl grouped | loop | auto) against
@@ -20,8 +25,11 @@ Sections
                 einsum/bmm, capacity factor 1.25 (overflow dropped)
       dense:    one MLP of hidden top_k*expert_hidden: the same active FLOPs; the target to reach
       baseline: (--baseline FILE) the MoELayer of another model.py, same weights: did a change help?
- 2. Whole-model training step (fwd+bwd+AdamW): tokens/s and MFU on active params, MoE vs the dense
-    model of equal active FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd).
+ 2. Whole-model training step (fwd+bwd+AdamW), steady state: --steps steps back to back per timed
+    call, synced only before the first and after the last (as a training loop runs); tokens/s, MFU on
+    active params, MoE step / dense step, peak memory, for MoE and the dense model of equal active
+    FLOPs (n_experts=1, expert_hidden = top_k*4*n_embd), built side by side in one run.
+    2p (--profile): torch.profiler over a few such steps of each: top 30 CUDA kernels (CPU: aten ops).
     2b (CPU): the same at nanoGPT's CPU recipe (config/moe_8e_cpu.py sizes), experts 4D/top_k wide
     against nanoGPT's dense model: the routing overhead of a small model, where it weighs most; and
     the floor under it, the same MoE with its routing made free (skip_routing).
@@ -31,6 +39,7 @@ Sections
 Before any timing, every variant's output is checked against ours (section "checks").
 """
 import argparse
+import collections
 import importlib.util
 import inspect
 import json
@@ -48,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hardware
 import optim
-from model import MoEGPT, MoEGPTConfig, MoELayer, activation_fn
+from model import MLP, MoEGPT, MoEGPTConfig, MoELayer, activation_fn
 
 # ----------------------------------------------------------------------------- sizes
 # (n_experts, top_k, expert_hidden as a function of n_embd). Fine-grained is issue 7's definition
@@ -60,16 +69,17 @@ MOE_SHAPES = {
 }
 PRESETS = {
     # n_embd list, tokens list, repeats, model-step config
-    'cuda': dict(n_embd=[384, 768], tokens=[4096, 16384, 65536], repeats=7,
+    # steps: back-to-back training steps per timed call of section 2 (a sync at its ends only)
+    'cuda': dict(n_embd=[384, 768], tokens=[4096, 16384, 65536], repeats=7, steps=20,
                  model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8,
                             vocab_size=50304)),
-    'cpu': dict(n_embd=[384], tokens=[4096, 8192, 16384], repeats=3,
+    'cpu': dict(n_embd=[384], tokens=[4096, 8192, 16384], repeats=3, steps=3,
                 model=dict(n_layer=4, n_head=6, n_embd=384, block_size=256, batch_size=4,
                            vocab_size=50304),
                 # nanoGPT's CPU recipe (config/moe_8e_cpu.py's sizes), equal active FLOPs
                 recipe=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65,
                             narrow=True)),
-    'quick': dict(n_embd=[64], tokens=[256], repeats=2,
+    'quick': dict(n_embd=[64], tokens=[256], repeats=2, steps=2,
                   model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4,
                              vocab_size=256)),
 }
@@ -296,15 +306,27 @@ class DenseMLP(torch.nn.Module):
         return activation_fn(self.activation, x @ self.w1 + self.b1) @ self.w2 + self.b2
 
 
+def is_alias(func):
+    """Ops that launch no kernel on any device and pass over no memory: views of the same memory (view,
+    t, expand, slice, detach, ...; _unsafe_view, matmul's reshape of a fresh result) and ops that return
+    no tensor (promote_types)."""
+    return func.is_view or func._schema.name == 'aten::_unsafe_view' or not any(
+        'Tensor' in str(r.type) for r in func._schema.returns)  # promote_types & co: a host-side answer
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it: on a GPU, eager, each is a kernel launch."""
+    """Counts the aten ops dispatched inside it: on a GPU, eager, each is a kernel launch. n: all of
+    them; kernels: those that are not views (is_alias); by_op: each op's count, for reading."""
 
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.n = self.kernels = 0
+        self.by_op = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
+        self.kernels += not is_alias(func)
+        self.by_op[func._schema.name.removeprefix('aten::')] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -316,6 +338,61 @@ def count_ops(fn, x, grad_out):
     with OpCounter() as bwd:
         y.backward(grad_out)
     return fwd.n, bwd.n
+
+
+# The issue-21 setting for per-layer op counts: the layer the GPU runs (grouped_mm, bf16 autocast), tiny,
+# since the count does not depend on sizes. Biases on (GPT-2's default) unless overridden.
+OP_COUNT_CONFIG = dict(n_layer=1, n_head=1, n_embd=64, block_size=128, vocab_size=64, n_experts=8, top_k=2,
+                       expert_impl='grouped', dropout=0.0, bias=True)
+OP_COUNT_SHAPE = (2, 128)  # (B, S): 256 tokens
+
+
+def count_layer_ops(layer, x_BSD, autocast_dtype=torch.bfloat16):
+    """Aten ops of one training call of a layer, as train.py makes it: forward under autocast, then
+    backward (outside autocast) of the output and of every loss term the layer returns, the input
+    needing a gradient (as inside a network) and the parameters' grads None (zero_grad(set_to_none)).
+    Returns dict(fwd=, bwd=: ops that are not views (kernels on a GPU, eager), fwd_all=, bwd_all=: every
+    aten op, fwd_ops=, bwd_ops=: {op name: count})."""
+    layer.zero_grad(set_to_none=True)
+    x_BSD = x_BSD.detach().requires_grad_(True)
+    ctx = (torch.autocast(x_BSD.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(x_BSD.device.type, enabled=False))
+    with ctx, OpCounter() as fwd:
+        out = layer(x_BSD)
+    out_BSD, aux = out if isinstance(out, tuple) else (out, {})
+    outs = [out_BSD, *aux.get('losses', {}).values()]
+    grads = [torch.randn_like(out_BSD)] + [torch.ones_like(t) for t in outs[1:]]  # made outside the counter
+    with OpCounter() as bwd:
+        torch.autograd.backward(outs, grads)
+    layer.zero_grad(set_to_none=True)
+    return dict(fwd=fwd.kernels, bwd=bwd.kernels, fwd_all=fwd.n, bwd_all=bwd.n,
+                fwd_ops=dict(fwd.by_op), bwd_ops=dict(bwd.by_op))
+
+
+def layer_op_counts(config_overrides=None, dense=False, autocast_dtype=torch.bfloat16):
+    """Op counts (count_layer_ops) of one MoE layer (MoELayer) built from OP_COUNT_CONFIG updated with
+    config_overrides, on the CPU; dense=True: instead the dense MLP of equal active FLOPs (the dense
+    model's block MLP, model.MLP of hidden top_k * expert_hidden), same bias setting. Seeded: the
+    routing, and so the count, is the same on every call."""
+    cfg = MoEGPTConfig(**{**OP_COUNT_CONFIG, **(config_overrides or {})})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layer = MLP(cfg, cfg.top_k * cfg.expert_hidden) if dense else MoELayer(cfg)
+        layer.train()
+        x_BSD = torch.randn(*OP_COUNT_SHAPE, cfg.n_embd)
+        return count_layer_ops(layer, x_BSD, autocast_dtype)
+
+
+def op_count_report():
+    """The op-count lines of every run: MoE layer and dense MLP, biases on and off. Counted on the CPU
+    whatever --device is (the count is the regression number, not a timing); an error is reported."""
+    res = {}
+    for name, over in (('bias', dict(bias=True)), ('no bias', dict(bias=False))):
+        try:
+            res[name] = dict(moe=layer_op_counts(over), dense=layer_op_counts(over, dense=True))
+        except Exception as e:  # e.g. an older torch without a CPU grouped_mm kernel
+            res[name] = dict(error=f'{type(e).__name__}: {str(e).splitlines()[0][:120]}')
+    return res
 
 
 def fwd_bwd(fn, x, grad_out, params):
@@ -510,25 +587,132 @@ def get_batch(mcfg, device, seed=0):
     return x.to(device), y.to(device)
 
 
-def bench_model(mcfg, device, dtype, repeats, balanced, compile_, peak_flops):
+def steady_steps(step, n):
+    """n training steps back to back: the block time_interleaved times, with a sync only before the first
+    and after the last step, as a training loop runs (no per-step host wait)."""
+    def fn():
+        for _ in range(n):
+            step()
+    return fn
+
+
+def static_bytes(model, opt):
+    """Bytes of a model's parameters, buffers and optimizer state: what stays allocated between steps."""
+    ts = [*model.parameters(), *model.buffers()]
+    ts += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def cuda_peak_bytes(model, opt, step, n):
+    """Peak memory of one model's training step on CUDA, though other models are resident too: its own
+    static bytes + the peak above what was allocated before its steps (grads are None there)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    steady_steps(step, n)()
+    torch.cuda.synchronize()
+    return static_bytes(model, opt) + torch.cuda.max_memory_allocated() - before
+
+
+def bench_model(mcfg, device, dtype, repeats, balanced, compile_, peak_flops, steps=1, profile_steps=0,
+                kernels_out=None, timed=True):
+    """Section 2: the steady-state training step of the MoE model and the dense model of equal active
+    FLOPs, built side by side. Each timed call is `steps` back-to-back steps (steady_steps), the calls
+    interleaved across models, the median per step reported. profile_steps > 0: first a torch.profiler
+    kernel table of that many steps of each model (profile_kernels), printed and written to kernels_out.
+    timed=False: the profile only."""
     xb, yb = get_batch(mcfg, device)
     built = {name: build_model(cfg, device, balanced, compile_)
              for name, cfg in model_configs(mcfg).items()}
     for layer in (built[FLOOR][0].moe_layers() if FLOOR in built else []):
         skip_routing(layer)
-    fns = {name: (lambda m=m, o=o: train_step(m, o, xb, yb, device, dtype))
-           for name, (_, m, o) in built.items()}
-    t = time_interleaved(fns, device, repeats, warmup=2 if compile_ else 1)
+    step_fns = {name: (lambda m=m, o=o: train_step(m, o, xb, yb, device, dtype))
+                for name, (_, m, o) in built.items()}
+    if profile_steps:
+        for fn in step_fns.values():  # compile and AdamW state first: the profile is of steady steps
+            for _ in range(2):
+                fn()
+        prof = {name: profile_kernels(fn, device, profile_steps) for name, fn in step_fns.items()}
+        table = format_kernel_tables(prof, device, compile_, mcfg)
+        print(table, file=early_out(), flush=True)
+        if kernels_out:
+            with open(kernels_out, 'w') as f:
+                f.write(table + '\n')
+    if not timed:
+        return []
+    fns = {name: steady_steps(fn, steps) for name, fn in step_fns.items()}
+    t = {n: v / steps for n, v in time_interleaved(fns, device, repeats, warmup=2 if compile_ else 1).items()}
     tokens = mcfg['batch_size'] * mcfg['block_size']
     rows = []
-    for name, (model, _, _) in built.items():
+    for name, (model, _, opt) in built.items():
         pc = model.get_num_params()
-        rows.append(dict(model=name, params_total=pc.total, params_active=pc.active,
-                         ms=t[name] * 1e3, tokens_per_s=tokens / t[name],
-                         mfu=model.estimate_mfu(mcfg['batch_size'], t[name], peak_flops)))
+        row = dict(model=name, params_total=pc.total, params_active=pc.active, steps=steps,
+                   ms=t[name] * 1e3, tokens_per_s=tokens / t[name],
+                   mfu=model.estimate_mfu(mcfg['batch_size'], t[name], peak_flops))
+        if device.type == 'cuda':
+            row.update(peak_mib=cuda_peak_bytes(model, opt, step_fns[name], steps) / 2**20,
+                       peak_how='torch.cuda.max_memory_allocated over the steps above what was allocated '
+                                'before them, + its own params, buffers and AdamW state')
+        rows.append(row)
     for r in rows[:-1]:  # the dense model comes last
-        r['vs_dense'] = rows[-1]['ms'] / r['ms']
+        r['vs_dense'] = rows[-1]['ms'] / r['ms']  # speed: > 1 is faster than dense
+        r['step_vs_dense'] = r['ms'] / rows[-1]['ms']  # issue 21's ratio: MoE step / dense step (goal <= 1.3)
     return rows
+
+
+# ----------------------------------------------------------------------------- 2p. kernel table
+
+def profile_kernels(step, device, steps):
+    """torch.profiler over `steps` back-to-back calls of step (a sync at the ends only). Returns
+    dict(rows=[dict(name, calls, total_ms)] sorted by time, busy_ms: all of them, wall_ms, steps).
+    CUDA: the device's kernels (and memcpy / memset), by their time on the GPU. CPU: the aten ops by
+    self CPU time (the CPU's kernels, more or less): the same code path, so that a CPU run tests it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        steady_steps(step, steps)()
+        sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    agg = collections.defaultdict(lambda: [0, 0.0])
+    events = prof.events()
+    for e in events:
+        if device.type == 'cuda':
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.time_range.elapsed_us()
+        else:
+            if e.device_type != DeviceType.CPU or not e.name.startswith('aten::'):
+                continue  # autograd's and Python's own events: overhead around the ops, not ops
+            us = e.self_cpu_time_total
+        agg[e.name][0] += 1
+        agg[e.name][1] += us / 1e3
+    if device.type == 'cuda' and not agg:  # older profilers: kernels only attached to their launching op
+        for e in events:
+            for k in getattr(e, 'kernels', []):
+                agg[k.name][0] += 1
+                agg[k.name][1] += k.duration / 1e3
+    rows = [dict(name=n, calls=c, total_ms=ms) for n, (c, ms) in sorted(agg.items(), key=lambda kv: -kv[1][1])]
+    return dict(rows=rows, busy_ms=sum(r['total_ms'] for r in rows), wall_ms=wall_ms, steps=steps)
+
+
+def format_kernel_tables(prof, device, compile_, mcfg, top=30):
+    """One table per model: the top kernels by total time, with calls, total ms over the profiled steps,
+    ms per step and % of the step's wall time (measured under the profiler: slightly inflated)."""
+    what = 'CUDA kernels by GPU time' if device.type == 'cuda' else 'CPU aten ops by self CPU time'
+    out = [f"## 2p. kernel table: top {top} {what}, {'compiled' if compile_ else 'eager'}, "
+           + ', '.join(f'{k}={v}' for k, v in mcfg.items())]
+    for name, p in prof.items():
+        n = p['steps']
+        out.append(f"\n### {name}: {p['wall_ms'] / n:.2f} ms/step under the profiler ({n} steps), kernels busy "
+                   f"{p['busy_ms'] / n:.2f} ms/step ({100 * p['busy_ms'] / p['wall_ms']:.1f}%), "
+                   f"{len(p['rows'])} distinct, {sum(r['calls'] for r in p['rows']) / n:.0f} calls/step")
+        rows = [[r['name'][:90], str(r['calls']), f"{r['total_ms']:.3f}", f"{r['total_ms'] / n:.3f}",
+                 f"{100 * r['total_ms'] / p['wall_ms']:.1f}%"] for r in p['rows'][:top]]
+        out.append(table_text(['kernel', 'calls', 'total ms', 'ms/step', '% of step'], rows))
+    return '\n'.join(out)
 
 
 # ----------------------------------------------------------------------------- 3. memory
@@ -678,6 +862,31 @@ def fmt(v, spec='.2f', none='-'):
     return none if v is None else format(v, spec)
 
 
+def op_count_line(counts):
+    if 'error' in counts:
+        return f'n/a ({counts["error"]})'
+    mo, de = counts['moe'], counts['dense']
+    return (f"moe fwd {mo['fwd']} bwd {mo['bwd']} | dense mlp fwd {de['fwd']} bwd {de['bwd']}"
+            f"   (all aten ops, views too: moe {mo['fwd_all']} + {mo['bwd_all']}, dense {de['fwd_all']} + {de['bwd_all']})")
+
+
+def print_op_counts(op_counts):
+    """The per-layer op counts (bench.layer_op_counts): stdout, or stderr under --json (stdout is the JSON)."""
+    c = OP_COUNT_CONFIG
+    print(f"# ops/layer, aten ops that are not views (a GPU kernel each, eager), forward | backward of out + loss terms; "
+          f"CPU, bf16 autocast, expert_impl={c['expert_impl']}, {c['n_experts']}e top-{c['top_k']}, "
+          f"dense mlp = hidden top_k*expert_hidden", file=early_out())
+    for name, counts in op_counts.items():
+        print(f"ops/layer {name + ':':8} {op_count_line(counts)}", file=early_out(), flush=True)
+
+
+JSON_OUT = [False]  # --json: stdout is the JSON, so what is printed as it is measured goes to stderr
+
+
+def early_out():
+    return sys.stderr if JSON_OUT[0] else sys.stdout
+
+
 def print_report(res):
     m = res['meta']
     print(f"# bench.py  device={m['device']} ({m['device_name']})  dtype={m['dtype']}  torch={m['torch']}  "
@@ -717,21 +926,28 @@ def print_report(res):
         f"{r['moe']} {r['tokens']} tokens: " + ', '.join(f'{k} {f} + {b}' for k, (f, b) in r['ops'].items())
         for r in res['layer']))
 
-    print('\n## 2. training step (fwd+bwd+AdamW), ' + res['model_cfg_desc'])
-    print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'MFU(active)', 'speed vs dense'],
-                [[r['model'], f"{r['params_total'] / 1e6:.1f}M", f"{r['params_active'] / 1e6:.1f}M",
-                  f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
-                  fmt(r.get('vs_dense'))] for r in res['model']])
+    if res['model']:
+        print(f"\n## 2. steady-state training step (fwd+bwd+AdamW; {m['steps']} steps back to back per timed call, "
+              f"synced at its ends only; median of {max(m['repeats'], 3)} interleaved calls), " + res['model_cfg_desc'])
+        print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'MFU(active)', 'step / dense step',
+                     'peak MiB'],
+                    [[r['model'], f"{r['params_total'] / 1e6:.1f}M", f"{r['params_active'] / 1e6:.1f}M",
+                      f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
+                      fmt(r.get('step_vs_dense')), fmt(r.get('peak_mib'), '.0f')] for r in res['model']])
+        if res['model'][0].get('peak_how'):
+            print(f"peak MiB: {res['model'][0]['peak_how']}")
 
     if res.get('recipe'):
-        print('\n## 2b. training step at the CPU recipe (config/moe_8e_cpu.py sizes), equal active FLOPs')
-        print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'speed vs dense'],
+        print('\n## 2b. steady-state training step at the CPU recipe (config/moe_8e_cpu.py sizes), equal active FLOPs')
+        print_table(['model', 'params total', 'active', 'ms/step', 'tokens/s', 'speed vs dense', 'step / dense step'],
                     [[r['model'], f"{r['params_total'] / 1e6:.2f}M", f"{r['params_active'] / 1e6:.2f}M",
-                      f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", fmt(r.get('vs_dense'))] for r in res['recipe']])
+                      f"{r['ms']:.1f}", f"{r['tokens_per_s']:.0f}", fmt(r.get('vs_dense')),
+                      fmt(r.get('step_vs_dense'))] for r in res['recipe']])
 
-    print('\n## 3. peak memory of a training step')
-    print_table(['model', 'peak MiB', 'vs dense', 'method'],
-                [[r['model'], f"{r['peak_mib']:.0f}", fmt(r.get('vs_dense')), r['method']] for r in res['memory']])
+    if res['memory']:
+        print('\n## 3. peak memory of a training step')
+        print_table(['model', 'peak MiB', 'vs dense', 'method'],
+                    [[r['model'], f"{r['peak_mib']:.0f}", fmt(r.get('vs_dense')), r['method']] for r in res['memory']])
 
     print('\n## 4. sampling')
     s = res['sampling']
@@ -749,12 +965,15 @@ def print_report(res):
     print(f"\n# total {res['meta']['seconds']:.0f} s")
 
 
-def print_table(hdr, rows):
+def table_text(hdr, rows):
     w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(hdr)]
-    print('| ' + ' | '.join(h.ljust(w[i]) for i, h in enumerate(hdr)) + ' |')
-    print('|' + '|'.join('-' * (x + 2) for x in w) + '|')
-    for r in rows:
-        print('| ' + ' | '.join(c.ljust(w[i]) for i, c in enumerate(r)) + ' |')
+    lines = ['| ' + ' | '.join(h.ljust(w[i]) for i, h in enumerate(hdr)) + ' |',
+             '|' + '|'.join('-' * (x + 2) for x in w) + '|']
+    return '\n'.join(lines + ['| ' + ' | '.join(c.ljust(w[i]) for i, c in enumerate(r)) + ' |' for r in rows])
+
+
+def print_table(hdr, rows):
+    print(table_text(hdr, rows))
 
 
 # ----------------------------------------------------------------------------- main
@@ -786,6 +1005,14 @@ def parse_args(argv=None):
     p.add_argument('--baseline', default=None, metavar='FILE',
                    help='another version of model.py (e.g. `git show REV:model.py > old_model.py`): its '
                         'MoELayer, with the same weights, is checked and timed beside ours in section 1')
+    p.add_argument('--steps', type=int, default=None,
+                   help='section 2: training steps back to back per timed call, synced only at its ends '
+                        '(default: the preset\'s, 20 on CUDA, 3 on CPU, 2 with --quick)')
+    p.add_argument('--profile', type=int, nargs='?', const=3, default=0, metavar='STEPS',
+                   help='first, a torch.profiler kernel table (top 30 by time) of STEPS (default 3) steady '
+                        'training steps of section 2\'s models (on CUDA its kernels, on CPU its aten ops); '
+                        'runs even if section 2 is skipped')
+    p.add_argument('--kernels-out', default=None, metavar='FILE', help='--profile: also write the table to FILE')
     p.add_argument('--skip', default='', help='comma list of sections to skip: layer,model,memory,sampling,compile')
     p.add_argument('--_mem-child', default=None, help=argparse.SUPPRESS)
     p.add_argument('--mcfg', default=None, help=argparse.SUPPRESS)
@@ -794,6 +1021,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    JSON_OUT[0] = args.json
     args.dtype = args.dtype or hardware.auto_dtype(torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -833,6 +1061,9 @@ def main(argv=None):
         checks += check_layer_variants(D, E, K, hidden_fn(D), 256 if args.quick else 512, device, dtype,
                                        args.balanced, baseline)
     res['checks'] = checks
+    log('op counts ...')
+    res['op_counts'] = op_count_report()
+    print_op_counts(res['op_counts'])  # at once: the regression number, even if a later section fails
 
     res['layer'] = []
     if 'layer' not in skip:
@@ -843,20 +1074,27 @@ def main(argv=None):
                     res['layer'].append(bench_layer(D, name, T, device, dtype, repeats, args.balanced,
                                                     args.compile, args.onehot_budget_gib, baseline))
     res['model'] = []
-    if 'model' not in skip:
-        log('model step ...')
+    steps = args.steps or preset['steps']
+    res['meta']['steps'] = steps
+    if 'model' not in skip or args.profile:
+        log('model step ...' if 'model' not in skip else 'profile ...')
         if device.type == 'cpu':  # re-measure just before use: a shared CPU's speed drifts
             peak_flops, peak_how = peak_matmul_flops(device, dtype)
             res['meta'].update(peak_flops=peak_flops, peak_how=peak_how + ', just before the model step')
         res['model'] = bench_model(mcfg, device, dtype, max(repeats, 3), args.balanced, args.compile,
-                                   peak_flops)
-        if 'recipe' in preset:  # small steps: many repeats for a stable median
-            res['recipe'] = bench_model(preset['recipe'], device, dtype, 30, args.balanced, args.compile,
-                                        peak_flops)
+                                   peak_flops, steps, args.profile, args.kernels_out, timed='model' not in skip)
+        if 'recipe' in preset and 'model' not in skip:  # small steps: many of them for a stable median
+            res['recipe'] = bench_model(preset['recipe'], device, dtype, 10, args.balanced, args.compile,
+                                        peak_flops, 3)
     res['memory'] = []
-    if 'memory' not in skip:
+    if 'memory' not in skip or (res['model'] and device.type == 'cpu'):
         log('memory ...')
         res['memory'] = bench_memory(mcfg, device, dtype, args.balanced)
+        if device.type == 'cpu':  # section 2's peak memory: a fresh process each (bench_memory says why)
+            for row, mem in zip(res['model'], res['memory']):
+                row.update(peak_mib=mem['peak_mib'], peak_how=mem['method'])
+        if 'memory' in skip:
+            res['memory'] = []
     res['sampling'] = dict(note='skipped')
     if 'sampling' not in skip:
         res['sampling'] = bench_sampling(device, dtype, args.balanced, args.quick)

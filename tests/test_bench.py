@@ -42,6 +42,11 @@ def test_quick_run_reports_every_section(quick_run):
         assert r['ours_vs_dense'] > 0
     assert [r['model'] for r in quick_run['model']] == list(bench.model_configs(bench.PRESETS['quick']['model']))
     assert all(r['tokens_per_s'] > 0 and 0 < r['mfu'] for r in quick_run['model'])
+    # section 2's peak memory on CPU is section 3's fresh-process measurement of the same model
+    assert [r['peak_mib'] for r in quick_run['model']] == [r['peak_mib'] for r in quick_run['memory']]
+    assert quick_run['model'][0]['step_vs_dense'] == pytest.approx(1 / quick_run['model'][0]['vs_dense'])
+    assert set(quick_run['op_counts']) == {'bias', 'no bias'}  # the op counts are in every run
+    assert all(c['moe']['fwd'] > c['dense']['fwd'] > 0 for c in quick_run['op_counts'].values())
     assert all(r['peak_mib'] > 0 for r in quick_run['memory'])
     assert 'note' in quick_run['sampling'] or quick_run['sampling']['kv cache']['tokens_per_s'] > 0
     grouped_bf16 = [c for c in quick_run['compile_check'] if c['impl'] == 'grouped' and c['dtype'] == 'bfloat16']
@@ -103,14 +108,18 @@ def test_bad_baseline_is_one_clear_line(tmp_path, text, says):
 
 def test_ci_gpu_script_passes_bench_valid_arguments():
     """.ci/gpu (the prepared run for a lent GPU, which CI never has) must not rot: its bench.py
-    command lines parse with today's bench.py, and each runs something."""
+    command lines parse with today's bench.py, and each runs something; its first step is the kernel
+    table (--profile, written into OUT_DIR) of the compiled model step, before the tests."""
     import re
     import shlex
     text = (REPO / '.ci/gpu').read_text().replace('\\\n', ' ')
+    steps = [ln for ln in text.splitlines() if re.match(r'\s*step \d+ ', ln)]
     lines = [ln.split('python bench.py', 1)[1] for ln in text.splitlines() if 'python bench.py' in ln]
-    assert len(lines) == 2
+    assert len(lines) == 2 and 'python bench.py' in steps[0]
+    first = bench.parse_args(shlex.split(lines[0].replace('"$OUT_DIR', '"OUT')))
+    assert first.profile > 0 and first.kernels_out.startswith('OUT/') and 'model' not in first.skip
     for rest in lines:
-        argv = shlex.split(re.sub(r'\$\{BASELINE:\+[^}]*\}', '--baseline old_model.py', rest))
+        argv = shlex.split(re.sub(r'\$\{BASELINE:\+[^}]*\}', '--baseline old_model.py', rest).replace('"$OUT_DIR', '"OUT'))
         args = bench.parse_args(argv)
         assert args.device == 'cuda' and args.compile
         assert set(args.skip.split(',')) != {'layer', 'model', 'memory', 'sampling', 'compile'}
@@ -161,3 +170,105 @@ def test_count_ops_counts_each_aten_call_forward_and_backward():
     row = bench.bench_layer(16, '8e-top2', 64, torch.device('cpu'), torch.float32, 1, False, False)
     assert set(row['ops']) == {'ours', 'dense'}
     assert row['ops']['dense'][0] < row['ops']['ours'][0] and row['ops']['dense'][1] < row['ops']['ours'][1]
+
+
+class Twice(torch.autograd.Function):
+    """One aten op forward (mul) and one backward (mul): a layer whose op count is known by construction."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class KnownOps(torch.nn.Module):
+    """n Twice's (n ops each way), then a view (no kernel: counted in fwd_all only); with_loss: a loss
+    term Twice(x).sum(), which count_layer_ops must backprop too: forward mul + sum, backward sum's
+    expand (a view) + mul + the add of x's two incoming gradients."""
+
+    def __init__(self, n, with_loss=False):
+        super().__init__()
+        self.n, self.with_loss = n, with_loss
+
+    def forward(self, x):
+        y = x
+        for _ in range(self.n):
+            y = Twice.apply(y)
+        y = y.view(x.shape)
+        return (y, {'losses': {'t': Twice.apply(x).sum()}}) if self.with_loss else y
+
+
+@pytest.mark.parametrize('n', [1, 3])
+def test_count_layer_ops_counts_forward_and_backward_of_a_known_layer(n):
+    c = bench.count_layer_ops(KnownOps(n), torch.randn(2, 3, 4), autocast_dtype=None)
+    assert (c['fwd'], c['bwd']) == (n, n)
+    assert c['fwd_all'] == n + 1 and c['fwd_ops'] == {'mul': n, 'view': 1}  # the view: counted, not a kernel
+    assert c['bwd_ops']['mul'] == n and c['bwd_all'] >= c['bwd']
+    c = bench.count_layer_ops(KnownOps(n, with_loss=True), torch.randn(2, 3, 4), autocast_dtype=None)
+    assert (c['fwd'], c['bwd']) == (n + 2, n + 2)
+    assert c['bwd_ops']['add'] == 1 and c['bwd_ops']['mul'] == n + 1
+
+
+def test_count_layer_ops_sees_autocast_casts():
+    """Under bf16 autocast a Linear's fp32 input, weight and bias are cast (3 _to_copy) before its addmm."""
+    lin = torch.nn.Linear(8, 8)
+    c = bench.count_layer_ops(lin, torch.randn(4, 8))
+    assert c['fwd_ops'].get('_to_copy') == 3 and c['fwd_ops'].get('addmm') == 1
+    assert bench.count_layer_ops(lin, torch.randn(4, 8), autocast_dtype=None)['fwd_ops'].get('_to_copy') is None
+
+
+def test_layer_op_counts_in_the_issues_setting():
+    """bench.layer_op_counts: the grouped path (two grouped_mm forward), repeatable, and the dense MLP of equal
+    FLOPs is the plain one (no grouped_mm) with fewer ops; bias-free experts do no more work than biased."""
+    moe, moe2 = bench.layer_op_counts(), bench.layer_op_counts()
+    dense = bench.layer_op_counts(dense=True)
+    assert moe == moe2
+    assert moe['fwd_ops']['_grouped_mm'] == 2 and '_grouped_mm' in moe['bwd_ops']
+    assert '_grouped_mm' not in dense['fwd_ops'] and dense['fwd'] < moe['fwd'] and dense['bwd'] < moe['bwd']
+    nb = bench.layer_op_counts({'bias': False})
+    assert nb['fwd'] <= moe['fwd'] and nb['bwd'] <= moe['bwd']
+    assert bench.layer_op_counts({'bias': False}, dense=True)['fwd_ops'].get('addmm') is None  # no bias: mm
+    report = bench.op_count_report()
+    assert report['bias']['moe'] == moe and report['no bias']['dense']['fwd'] < report['bias']['dense']['fwd']
+    assert bench.op_count_line(report['bias']).startswith(f"moe fwd {moe['fwd']} bwd {moe['bwd']} | dense mlp fwd")
+
+
+def test_steady_steps_sync_only_at_the_ends(monkeypatch):
+    """Section 2 times blocks of `steps` back-to-back steps: time_interleaved syncs around each block, never
+    between its steps."""
+    log = []
+    monkeypatch.setattr(bench, 'sync', lambda device: log.append('sync'))
+    fn = bench.steady_steps(lambda: log.append('step'), 5)
+    bench.time_interleaved({'a': fn}, torch.device('cpu'), repeats=2, warmup=1)
+    assert ''.join('s' if e == 'sync' else '.' for e in log) == 's.....s' * 3  # warmup + 2 repeats
+
+
+def test_bench_model_steady_rows_and_kernel_table(tmp_path):
+    """bench_model: MFU, tokens/s and MoE step / dense step for both models; --profile's table (CPU: aten
+    ops) for both, written to kernels_out; timed=False: the profile alone."""
+    mcfg = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, vocab_size=17)
+    out = tmp_path / 'kernels.txt'
+    rows = bench.bench_model(mcfg, torch.device('cpu'), torch.float32, 2, False, False, 1e12, steps=3,
+                             profile_steps=2, kernels_out=str(out))
+    moe, dense = rows
+    assert moe['steps'] == 3 and moe['step_vs_dense'] == moe['ms'] / dense['ms'] and 'step_vs_dense' not in dense
+    assert all(r['mfu'] > 0 and r['tokens_per_s'] == pytest.approx(16 / (r['ms'] / 1e3)) for r in rows)
+    text = out.read_text()
+    assert all(f'### {r["model"]}:' in text for r in rows) and '| aten::mm' in text
+    assert bench.bench_model(mcfg, torch.device('cpu'), torch.float32, 2, False, False, 1e12, profile_steps=1,
+                             timed=False) == []
+
+
+def test_profile_kernels_counts_calls_and_time():
+    """The kernel table's rows on a step with known ops: 3 mm and 1 relu a step, over 2 steps; sorted by time,
+    and no row takes longer than the profiled steps."""
+    a = torch.randn(64, 64)
+    p = bench.profile_kernels(lambda: (a @ a @ a @ a).relu(), torch.device('cpu'), 2)
+    calls = {r['name']: r['calls'] for r in p['rows']}
+    assert calls['aten::mm'] == 6 and calls['aten::relu'] == 2
+    assert all(n.startswith('aten::') for n in calls)
+    ms = [r['total_ms'] for r in p['rows']]
+    assert ms == sorted(ms, reverse=True) and 0 < sum(ms) == pytest.approx(p['busy_ms']) and max(ms) <= p['wall_ms']
