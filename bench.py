@@ -543,7 +543,8 @@ def bench_layer(D, shape_name, T, device, dtype, repeats, balanced, compile_, bu
 
 def model_configs(mcfg, E=8, K=2):
     base = dict(n_layer=mcfg['n_layer'], n_head=mcfg['n_head'], n_embd=mcfg['n_embd'],
-                block_size=mcfg['block_size'], vocab_size=mcfg['vocab_size'], dropout=0.0)
+                block_size=mcfg['block_size'], vocab_size=mcfg['vocab_size'], dropout=0.0,
+                bias=False)  # train.py's default (and Mixtral's, DeepSeek's, Qwen's, OLMoE's)
     D = mcfg['n_embd']
     if mcfg.get('narrow'):  # the dense model stays nanoGPT's (hidden 4D); experts 4D/K wide
         moe = MoEGPTConfig(**base, n_experts=E, top_k=K, expert_hidden=4 * D // K)
@@ -573,7 +574,7 @@ def train_step(step_model, opt, xb, yb, device, dtype):
     ctx = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
            else torch.autocast(device.type, enabled=False))
     with ctx:
-        _, loss, _ = step_model(xb, yb)
+        _, loss, _ = step_model(xb, yb, return_logits=False)  # train.py's step: the chunked LM head + CE
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
