@@ -17,6 +17,19 @@ class KVCache:
     def __len__(self):
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
+    def update(self, i, k, v):
+        """Append layer i's keys and values of S new positions, (B, heads, S, Q). Returns all of them and
+        the attention mask of the S queries (None: is_causal does it, or one query sees everything)."""
+        S = k.size(2)
+        if self.k[i] is not None:
+            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
+        self.k[i], self.v[i] = k, v
+        P = k.size(2) - S  # cached positions before these S queries
+        if P == 0 or S == 1:
+            return k, v, None
+        # the queries see all of the past and the causal part of the present
+        return k, v, torch.arange(S, device=k.device)[:, None] + P >= torch.arange(P + S, device=k.device)
+
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,

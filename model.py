@@ -1,21 +1,15 @@
 """
-MoEGPT: nanoGPT's GPT-2 decoder whose feed-forward blocks can be Mixture-of-Experts layers.
-The defaults are GPT-2's block, parameter for parameter; block options (RMSNorm, rope, grouped-query
-attention, QK-norm, untied embeddings, per-projection biases) build the Llama-style MoE families
-(Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE); hf.py maps their HF checkpoints in and out.
+MoEGPT: nanoGPT's GPT-2 decoder whose feed-forward blocks can be Mixture-of-Experts layers. The defaults
+are GPT-2's block; block options (RMSNorm, rope, grouped-query attention, QK-norm: layers.py, with the
+attention) build Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE (hf.py maps their checkpoints in and out).
 
-Reading order: config -> attention -> router -> experts -> MoE layer -> block -> model.
-To try an idea (docs/hacking.md): a router is one function registered in ROUTERS, a loss term one
-function registered in LOSSES plus its `<name>_loss_coef` config field.
-
-Shape suffixes name every dispatch tensor (torchtitan's convention):
-  B batch, S sequence, T tokens (= B*S), D n_embd, E n_experts, K top_k, N assignment rows,
-  F expert hidden width (2*expert_hidden for swiglu), G expert groups, M experts per group.
-
-The contract: a router returns flat assignment rows (token, expert, gate), any number per token.
-The MoE layer sorts them by expert, applies capacity (if any), runs every expert on its contiguous
-slice and sums the gate-weighted outputs back into the tokens. Dropless by default; no Python loop
-over tokens, no tokens x experts x capacity one-hot tensors. Losses are returned, never stored.
+Reading order: config -> router and its losses -> experts -> MoE layer -> block -> model.
+A router returns flat (token, expert, gate) rows, any number per token; the MoE layer sorts them by
+expert, applies capacity (if any), runs each expert on its contiguous slice and sums the gated outputs
+back into the tokens: dropless by default, losses returned, never stored. To try an idea: a router is
+one function in ROUTERS, a loss term one function in LOSSES plus its <name>_loss_coef field
+(docs/hacking.md). Shape suffixes (torchtitan's): B batch, S sequence, T tokens (B*S), D n_embd,
+E n_experts, K top_k, N assignment rows, F expert hidden (2*expert_hidden for swiglu), G groups.
 """
 import math
 import warnings
@@ -27,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generation
-from generation import KVCache  # noqa: F401
 from kernels import HAS_GROUPED_MM, SortRows, UnsortRows, grouped_mlp, use_grouped_mm  # noqa: F401
+from layers import CausalSelfAttention, make_norm, rope_cos_sin
 
 # ----------------------------------------------------------------------------- config
 
@@ -161,9 +155,8 @@ class MoEGPTConfig:
 
     @property
     def causal(self):
-        """Whether a token's output depends only on tokens at its position or earlier, in any sequence
-        of the micro-batch. The router declares its own; capacity_priority='choice' breaks it, except per
-        sequence with top-1 (choice order is then position order). tests/test_causality.py probes it."""
+        """Whether a token's output depends only on tokens at its position or earlier (in any sequence). The
+        router declares its own; capacity_priority='choice' breaks it, except per sequence with top-1."""
         return self.n_experts == 1 or ROUTERS[self.router].causal and (
             not self.has_capacity or self.capacity_priority == 'position'
             or (self.capacity_scope == 'sequence' and self.top_k == 1))
@@ -192,105 +185,19 @@ TUNABLE = frozenset({
 
 
 def activation_fn(name, h):
-    """Apply the named activation; swiglu splits the hidden in two: silu(gate) * up."""
+    """Apply the named activation; swiglu splits the hidden in two: silu(gate) * up. gelu_tanh is
+    GPT-2's "gelu_new", needed to reproduce pretrained GPT-2 exactly."""
     if name == 'swiglu':
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
-    if name == 'gelu_tanh':  # GPT-2's "gelu_new"; needed to reproduce pretrained GPT-2 exactly
-        return F.gelu(h, approximate='tanh')
-    return {'gelu': F.gelu, 'relu': F.relu, 'silu': F.silu, 'tanh': torch.tanh}[name](h)
+    return {'gelu': F.gelu, 'gelu_tanh': lambda v: F.gelu(v, approximate='tanh'), 'relu': F.relu,
+            'silu': F.silu, 'tanh': torch.tanh}[name](h)
 
 
 def compute_dtype(x):
     """The dtype matmuls run in: autocast's if it is on, else the input's."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-# ----------------------------------------------------------------------------- attention
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (Llama, Mixtral, Qwen, OLMoE), in fp32 and cast back before
-    the weight, in HF's order, so imported checkpoints give HF's numbers."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def make_norm(config, dim):
-    if config.norm == 'rmsnorm':
-        return RMSNorm(dim, config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
-
-
-def rope_cos_sin(pos_S, head_dim, theta):
-    """Rotary embedding tables for positions pos_S: cos, sin (S, head_dim), fp32. HF's layout: the
-    frequencies repeated over the two halves of a head (rotate_half pairs dim i with i + head_dim/2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos_S.device).float() / head_dim)
-    freqs_SQ = pos_S.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs_SQ, freqs_SQ], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate q or k, (B, heads, S, head_dim), by their positions' angles (HF's rotate_half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
-
-
-class CausalSelfAttention(nn.Module):
-    """nanoGPT's attention (one c_attn for q, k, v; c_proj out), plus the Llama-family options:
-    grouped-query attention (n_kv_head), rope, QK-norm and separate q/k/v and output biases."""
-
-    def __init__(self, config, layer_idx=0):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        H, G, Q = self.n_head, self.n_kv_head, self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, (H + 2 * G) * Q, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(H * Q, config.n_embd, bias=config.attn_out_bias)
-        self.qk_norm = config.qk_norm
-        if config.qk_norm != 'none':  # 'head': one weight over head_dim, shared by the heads (Qwen3)
-            q_dim, k_dim = (Q, Q) if config.qk_norm == 'head' else (H * Q, G * Q)  # 'proj': OLMoE
-            self.q_norm, self.k_norm = RMSNorm(q_dim, config.norm_eps), RMSNorm(k_dim, config.norm_eps)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
-
-    def forward(self, x_BSD, kv_cache=None, rope=None):
-        B, S, D = x_BSD.size()
-        H, G, Q = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x_BSD).split([H * Q, G * Q, G * Q], dim=2)
-        if self.qk_norm == 'proj':
-            q, k = self.q_norm(q), self.k_norm(k)
-        # (B, S, heads * Q) -> (B, S, heads, Q)
-        q, k, v = q.view(B, S, H, Q), k.view(B, S, G, Q), v.view(B, S, G, Q)
-        if self.qk_norm == 'head':
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, Q)
-        if rope is not None:  # cos, sin of these S positions (after the cached ones)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None
-        if kv_cache is not None:
-            i = self.layer_idx
-            if kv_cache.k[i] is not None:
-                k, v = torch.cat([kv_cache.k[i], k], dim=2), torch.cat([kv_cache.v[i], v], dim=2)
-            kv_cache.k[i], kv_cache.v[i] = k, v
-            P = k.size(2) - S  # cached positions before these S queries
-            if P > 0 and S > 1:  # queries see all of the past and the causal part of the present
-                mask = torch.arange(S, device=q.device)[:, None] + P >= torch.arange(P + S, device=q.device)
-        if G != H:  # grouped-query: query head h reads key/value head h // (H // G) (HF's repeat_kv)
-            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-        causal = mask is None and k.size(2) == S  # a single new query attends to everything: no mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0)
-        y = y.transpose(1, 2).contiguous().view(B, S, H * Q)
-        return self.resid_dropout(self.c_proj(y))
 
 
 # ----------------------------------------------------------------------------- router and its losses
@@ -311,8 +218,7 @@ class Routing(NamedTuple):
         """(ids_TK, gates_TK) of a fixed-k routing."""
         return self.expert_N.view(-1, self.k), self.gate_N.view(-1, self.k)
 
-    def tokens(self):
-        """token_N, built only when something needs it (the k fast path does not)."""
+    def tokens(self):  # token_N, built only when something needs it (the k fast path does not)
         return self.token_N if self.token_N is not None else torch.arange(
             self.expert_N.shape[0], device=self.expert_N.device) // self.k
 
@@ -343,8 +249,7 @@ def register_router(name, **declared):
 
 
 class Router(nn.Module):
-    """The router's weights (gate; noise and expert_bias where its spec declares them) and its config;
-    the routing itself is the registered function, ROUTERS[config.router].route(self, x_TD)."""
+    """The router's weights (gate; noise, expert_bias where declared); the routing is ROUTERS[name].route."""
 
     def __init__(self, config):
         super().__init__()
@@ -400,8 +305,7 @@ class Router(nn.Module):
 @register_router('softmax', groups=True)
 def softmax_topk(router, x_TD):
     """Switch (top-1) and Mixtral (top-2, renormalised): softmax over experts, top-k."""
-    logits_TE = router.logits(x_TD)
-    return router.topk(logits_TE)
+    return router.topk(router.logits(x_TD))
 
 
 @register_router('noisy_topk', groups=True, noise=True)
@@ -427,8 +331,7 @@ def sigmoid_topk(router, x_TD):
                  experts_per_token=lambda cfg: cfg.n_experts)
 def soft_mixture(router, x_TD):
     """Every expert, weighted by its softmax probability (seed 000's dense Soft MoE)."""
-    logits_TE = router.logits(x_TD)
-    return router.topk(logits_TE)
+    return router.topk(router.logits(x_TD))
 
 
 @register_router('expert_choice', causal=False, batch_dependent=True, capacity=False, skip_losses=('aux',),
@@ -462,7 +365,6 @@ def limit_to_groups(select_TE, n_group, topk_group):
 
 # A loss term is a function of the layer and its routing, registered by name; MoEGPT's loss is
 # ce + sum over terms of config.<name>_loss_coef * (the term's mean over the MoE layers).
-
 LOSSES = {}  # name -> term(moe, r: Routing, counts_E, S) -> scalar
 
 
@@ -552,8 +454,7 @@ class GroupedExperts(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(E, D)) if config.bias else None
         self.activation = config.activation
         self.expert_impl = config.expert_impl
-        # bf16 grouped_mm needs every row stride to be a multiple of 16 bytes (8 bf16 elements)
-        self.aligned = D % 8 == 0 and H % 8 == 0
+        self.aligned = D % 8 == 0 and H % 8 == 0  # bf16 grouped_mm: row strides in multiples of 16 bytes
 
     def use_grouped(self, x):
         return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
@@ -613,21 +514,18 @@ class MoELayer(nn.Module):
         self.active_experts = self.router.spec.experts_per_token(config)  # routed experts per token: FLOPs
 
     def forward(self, x_BSD, return_intermediate=False):
-        B, S, D = x_BSD.shape
-        E = self.n_experts
-        x_TD = x_BSD.reshape(-1, D)
-        T = x_TD.shape[0]
+        (B, S, D), E = x_BSD.shape, self.n_experts
+        x_TD, T = x_BSD.reshape(-1, D), B * S
         r = self.router(x_TD)                                                 # Routing: (token, expert, gate) rows
         N = r.expert_N.shape[0]
         counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(  # (E,) rows per expert
             0, r.expert_N, torch.ones_like(r.expert_N))
         cf = self.router.current_capacity_factor() if self.router.spec.capacity else 0
-        expert_N, kept_counts_E, kept_N1 = r.expert_N, counts_E, None
+        expert_N, kept_counts_E = r.expert_N, counts_E
         if cf > 0:                                                            # over capacity: expert E, sorts last
             expert_N, kept_counts_E = self.apply_capacity(r, counts_E, cf, B, S)
         sorted_expert_N, order_N = torch.sort(expert_N, stable=True)          # (N,) row n of the sort <- row order_N[n]
-        if cf > 0:
-            kept_N1 = (sorted_expert_N < E).unsqueeze(1)                      # (N, 1) False on dropped rows
+        kept_N1 = (sorted_expert_N < E).unsqueeze(1) if cf > 0 else None      # (N, 1) False on dropped rows
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
         if r.k:  # fast path, every token has k rows: permutations both ways (no atomic adds in backward)
             x_ND = SortRows.apply(xc_TD, order_N, r.k)                       # (N, D) expert-sorted
@@ -748,17 +646,13 @@ class MoEGPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
         self.config = config
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.position == 'learned':  # rope has no table: positions rotate q and k in attention
             modules['wpe'] = nn.Embedding(config.block_size, config.n_embd)
-        self.transformer = nn.ModuleDict(dict(
-            **modules,
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, config.is_moe_layer(i), i) for i in range(config.n_layer)]),
-            ln_f=make_norm(config, config.n_embd),
-        ))
+        blocks = [Block(config, config.is_moe_layer(i), i) for i in range(config.n_layer)]
+        modules.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList(blocks), ln_f=make_norm(config, config.n_embd))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
@@ -779,10 +673,7 @@ class MoEGPT(nn.Module):
             if moe.router.noise is not None:  # Shazeer et al. start the noise weights at zero
                 torch.nn.init.zeros_(moe.router.noise.weight)
             torch.nn.init.normal_(moe.experts.w1_EDF, mean=0.0, std=0.02)
-            torch.nn.init.normal_(moe.experts.w2_EHD, mean=0.0, std=resid_std)
-            for b in (moe.experts.b1_EF, moe.experts.b2_ED):
-                if b is not None:
-                    torch.nn.init.zeros_(b)
+            torch.nn.init.normal_(moe.experts.w2_EHD, mean=0.0, std=resid_std)  # (biases: zeros, as built)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -830,13 +721,13 @@ class MoEGPT(nn.Module):
 
     def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None, return_logits=True):
         """Returns (logits, loss, stats). loss = ce + sum of config.<name>_loss_coef * losses[name] (None
-        without targets); return_logits=False (training): logits is None and the LM head + CE run in
-        chunks (torch's linear_cross_entropy), so the (B*S, vocab) logits never exist at once. stats holds detached tensors for logging: 'ce', 'loss', 'losses' ({name: term},
-        empty for a dense model), and per MoE layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,),
-        'router_entropy' (L_moe,), plus 'routing' (one dict per MoE layer) when return_intermediate.
-        kv_cache (a KVCache, generation only): idx continues the cached tokens; filled in place."""
-        device = idx.device
-        b, t = idx.size()
+        without targets). return_logits=False (training): logits None, the LM head + CE run in chunks
+        (torch's linear_cross_entropy): the (B*S, vocab) logits never exist at once. stats holds detached
+        tensors for logging: 'ce', 'loss', 'losses' ({name: term}, empty for a dense model), and per MoE
+        layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), plus 'routing'
+        (one dict per MoE layer) when return_intermediate. kv_cache (a KVCache, generation only): idx
+        continues the cached tokens; filled in place."""
+        device, (b, t) = idx.device, idx.size()
         past = len(kv_cache) if kv_cache is not None else 0
         if past + t > self.config.block_size:
             raise ValueError(f'sequence of length {past + t} is longer than block_size={self.config.block_size}')
@@ -902,9 +793,8 @@ class MoEGPT(nn.Module):
         flops_per_iter = self.flops_per_token(experts_per_token) * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 return_routing=False):
-        """Sample max_new_tokens after idx (B, S), with a KV cache by default (generation.py)."""
-        return generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, return_routing)
+    def generate(self, idx, max_new_tokens, **kw):
+        """Sample max_new_tokens after idx (B, S), with a KV cache by default: generation.generate's options."""
+        return generation.generate(self, idx, max_new_tokens, **kw)
 
     sample_next = staticmethod(generation.sample_next)
