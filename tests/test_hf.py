@@ -87,7 +87,7 @@ def test_llama_block_parameters_and_counts():
 @pytest.mark.parametrize('kw', [dict(qk_norm='head', qkv_bias=True), dict(qk_norm='proj', n_kv_head=4),
                                 dict(n_experts=1, n_kv_head=1, head_dim=16)])
 def test_rope_kv_cache_equals_full_forward(kw):
-    from model import KVCache
+    from generation import KVCache
     torch.manual_seed(0)
     model = sharpen(MoEGPT(llama_style(block_size=16, n_layer=3, moe_every=2, **kw)), scale=1.0).eval()
     prompt = torch.randint(0, V, (3, 4))
