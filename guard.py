@@ -10,9 +10,9 @@ train.py's run guard (docs/reliability.md): the NaN/Inf guard and preemption, in
 No host read of a device value on a step (docs/reliability.md, "What the host waits for"): the step's bad
 flag is all-reduced (MAX) on the device, so every DDP rank skips the same steps, and with fused AdamW the
 skip itself happens on the device (found_inf: the kernel leaves weights, moments and step count alone).
-The host reads the flags at the next log line, eval or save (settle), all at once. The preemption flag
-never touches the device: single-process it is a Python flag; under DDP it travels in an asynchronous
-all-reduce on a host-side gloo group, read one step later, so every rank stops at the same iter.
+The host reads the flags at the next log line, save or the end of the run (settle), all at once. The
+preemption flag never touches the device: single-process it is a Python flag; under DDP it travels in an
+asynchronous all-reduce on a host-side gloo group, read one step later, so every rank stops at the same iter.
 Without a fused kernel the flags are read at once: one sync per step.
 """
 import os
@@ -141,8 +141,8 @@ class Guard:
             scaler.step(optimizer)
 
     def settle(self):
-        """Read the flags of the steps the host has not read yet, in one transfer (at a log line, an
-        eval, a save and the end): count and print each skipped step, stop the run after max_bad_steps
+        """Read the flags of the steps the host has not read yet, in one transfer (at a log line, a
+        save and the end): count and print each skipped step, stop the run after max_bad_steps
         in a row. Returns whether the last of them was skipped."""
         if not self.pending:
             return False
