@@ -43,7 +43,9 @@ class Guard:
         self.last_ckpt = None  # (path, iter) of the newest checkpoint known good: named when the run has to stop
         self.preempted = None  # the name of the first signal received
         self.bad_in_a_row = self.bad_since_log = 0  # skipped (non-finite) steps
-        self.pending = []  # (iter, bad flag, loss, grad norm) of the steps whose flags the host has not read yet
+        # the steps whose flags the host has not read yet: their iters, and a (1, 3) device tensor each of
+        # (bad flag, loss, grad norm), every 256 of them packed into one (small, whatever log_interval)
+        self.pending_iters, self.pending, self.packed = [], [], []
         self.skipped = None  # this step's bad flag (a device tensor, 1.0 = skipped), for per-step state
         # the preemption flag's own all-reduce, host memory only (a gloo group beside NCCL's); one in flight
         self.host_group = dist.new_group(backend='gloo') if ddp else None
@@ -128,7 +130,10 @@ class Guard:
         if self.ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # on the device: no rank steps when another skips
         self.skipped = bad
-        self.pending.append((it, bad, step_loss, grad_norm))
+        self.pending_iters.append(it)
+        self.pending.append(torch.stack([bad, step_loss.float(), grad_norm.float().to(bad.device)])[None])
+        if len(self.pending) == 256:
+            self.packed, self.pending = self.packed + [torch.cat(self.pending)], []
         if fused(optimizer):  # skip on the device: what GradScaler.step does with a fused optimizer
             # float16: unscale_ ran (it records the overflow for scaler.update); unscaled gradients overflowed
             # exactly when their norm is not finite
@@ -144,13 +149,12 @@ class Guard:
         """Read the flags of the steps the host has not read yet, in one transfer (at a log line, a
         save and the end): count and print each skipped step, stop the run after max_bad_steps
         in a row. Returns whether the last of them was skipped."""
-        if not self.pending:
+        if not self.pending_iters:
             return False
-        its = [p[0] for p in self.pending]
-        values = torch.stack([torch.stack([b, l.float(), n.float().to(b.device)]) for _, b, l, n in self.pending])
-        self.pending = []
+        its, values = self.pending_iters, torch.cat(self.packed + self.pending).tolist()
+        self.pending_iters, self.pending, self.packed = [], [], []
         bad_step = False
-        for it, (bad, loss, norm) in zip(its, values.tolist()):
+        for it, (bad, loss, norm) in zip(its, values):
             bad_step = bad > 0
             if not bad_step:
                 self.bad_in_a_row = 0

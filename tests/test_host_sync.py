@@ -170,3 +170,24 @@ def test_a_host_read_in_the_step_is_caught(case, inject, shakespeare_char_dir, t
         syncs = [z['syncs'] for z in counts['zones']]
         assert len(syncs) == 7 and all(len(s) == 1 and s[0].startswith(what) for s in syncs), syncs
         assert 'train.py' in syncs[0][0]
+
+
+def test_guard_reads_600_steps_of_flags_at_once(capsys, tmp_path):
+    """A long log_interval: the guard keeps 600 steps' flags on the device (packed every 256) and reads them
+    in one go, in order: every skipped step printed with its iter and counted, AdamW stepped only on the rest."""
+    import torch
+    sys.path.insert(0, str(REPO))
+    from guard import Guard
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    g = Guard(max_bad_steps=3, device='cpu', ddp=False, master=True, ckpt_path=str(tmp_path / 'ckpt.pt'))
+    bad_iters = [7, 8, 255, 256, 556, 599]
+    for it in range(600):
+        p.grad = torch.full((3,), float('nan') if it in bad_iters else 1.0)
+        g.step(it, (p.grad.sum() * 0).detach(), p.grad.norm(), None, opt, scaler)
+    assert len(g.packed) == 2 and len(g.pending) == 600 - 512
+    assert g.settle() is True and g.bad_since_log == len(bad_iters) and g.bad_in_a_row == 1
+    printed = [line.split(':')[0] for line in capsys.readouterr().out.splitlines() if 'step skipped' in line]
+    assert printed == [f'iter {i}' for i in bad_iters]
+    assert opt.state[p]['step'].item() == 600 - len(bad_iters)
