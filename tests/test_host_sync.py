@@ -137,6 +137,8 @@ CASES = {  # name: (extra args, processes)
     'single': (['--debug_nan_at_iters=[5]'], 0),  # a poisoned step, skipped on the device, read at the log line
     'grad_accumulation': (['--gradient_accumulation_steps=3'], 0),
     'ddp_gloo': (['--gradient_accumulation_steps=4'], 2),  # 2 micro-steps a rank: no_sync, then the reduce
+    # DeepSeek-V3's expert_bias update after each step, under bf16 autocast (the GPU's dtype)
+    'aux_free_bf16': (['--router=sigmoid', '--dtype=bfloat16'], 0),
 }
 
 
@@ -154,6 +156,8 @@ def test_no_host_read_on_a_step(case, shakespeare_char_dir, tmp_path):
             assert {'aten._grouped_mm', 'aten._fused_adamw_'} <= set(z['ops']) and len(z['ops']) > 30, z['ops']
         assert [s for z in zones for s in z['syncs']] == []
         assert counts['outside'] > 0
+        if case == 'aux_free_bf16':  # update_expert_bias (bias += rate * sign(...)) ran in every step
+            assert all('aten.sign' in z['ops'] for z in zones)
     if case == 'single':
         assert 'iter 5: non-finite loss nan' in r.stdout  # read late, still printed with its iter
 
