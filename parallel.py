@@ -281,11 +281,11 @@ def reduce_gradients(model):
 
 
 @torch.no_grad()
-def clip_grad_norm_(model, max_norm):
-    """torch.nn.utils.clip_grad_norm_ (2-norm) over the whole distributed model: replicated
-    gradients count once, FSDP shards (DTensor) and expert shards are summed over their ranks, so
-    every rank gets the same global norm and the same clip factor (a per-rank norm would make the
-    replicated parameters drift apart). Returns the total norm (a tensor)."""
+def grad_norm(model):
+    """The global 2-norm of the whole distributed model's gradients: replicated gradients count once,
+    FSDP shards (DTensor) and expert shards are summed over their ranks, so every rank gets the same
+    norm (a per-rank norm would give each rank its own clip factor and make the replicated parameters
+    drift apart). A float32 tensor; no host read."""
     raw = unwrap(model)
     ex = {id(p) for p in expert_params(raw)}
     ep_group = next((m.ep_group for _, m in expert_parallel_modules(raw)), None)
@@ -310,11 +310,23 @@ def clip_grad_norm_(model, max_norm):
         dist.all_reduce(ep_local, group=ep_group)  # the replicas of a shard hold the same gradient
     if any(_is_dtensor(g) for g in grads):
         dist.all_reduce(fsdp_local)
-    total = (replicated + ep_local + fsdp_local).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
+    return (replicated + ep_local + fsdp_local).sqrt().float()
+
+
+def clip_coef(total, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s factor, as a device tensor: max_norm / (norm + 1e-6), at most 1."""
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model, max_norm):
+    """torch.nn.utils.clip_grad_norm_ (2-norm) over the whole distributed model (grad_norm). Returns
+    the total norm (a tensor)."""
+    total = grad_norm(model)
+    coef = clip_coef(total, max_norm)
+    for g in [p.grad for p in unwrap(model).parameters() if p.grad is not None]:
         (g.to_local() if _is_dtensor(g) else g).mul_(coef.to(g.dtype))
-    return total.float()
+    return total
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -501,16 +513,25 @@ def sync_gradients(model, on):
         model.require_backward_grad_sync = on
 
 
-def finish_gradients(model, grad_clip, sharded):
+def finish_gradients(model, grad_clip, sharded, fold=False):
     """After an iteration's last backward (and the GradScaler's unscale): reduce the expert shards, then
-    clip the global grad norm to grad_clip (0: measure it, don't clip). sharded: EP or FSDP, whose norm
-    is taken over all ranks' shards. Returns the norm (a tensor)."""
+    the global grad norm, clipped to grad_clip (0: measured, not clipped). sharded: EP or FSDP, whose
+    norm is taken over all ranks' shards. fold (fused AdamW): the clip factor is returned for the
+    optimizer kernel to apply (its grad_scale), not multiplied into every gradient here: one pass over
+    the gradients less. Not with FSDP's DTensors (a fused step over DTensors takes no plain grad_scale)
+    or a torch without get_total_norm. Returns (norm, clip factor or None: applied here, or no clip)."""
     raw = unwrap(model)
     reduce_expert_gradients(raw)  # no-op without EP
+    has_norm = hasattr(torch.nn.utils, 'get_total_norm')  # torch >= 2.6
+    fold = fold and has_norm and not any(_is_dtensor(p) for p in raw.parameters())
+    if (grad_clip == 0.0 and (sharded or has_norm)) or fold:  # the norm alone: one read pass over the gradients
+        norm = grad_norm(raw) if sharded else torch.nn.utils.get_total_norm(
+            [p.grad for p in raw.parameters() if p.grad is not None])
+        return norm, clip_coef(norm, grad_clip) if grad_clip != 0.0 else None
     max_norm = grad_clip if grad_clip != 0.0 else float('inf')
     if sharded:
-        return clip_grad_norm_(raw, max_norm)
-    return torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
+        return clip_grad_norm_(raw, max_norm), None
+    return torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm), None
 
 
 def all_to_all_bytes_per_layer(tokens_local, top_k, n_embd, bytes_per_elem, ep_size):
@@ -523,6 +544,6 @@ def all_to_all_bytes_per_layer(tokens_local, top_k, n_embd, bytes_per_elem, ep_s
 
 __all__ = ['EPGroups', 'init_expert_parallel', 'all_to_all', 'ExpertParallelExperts', 'enable_expert_parallel',
            'expert_parallel_modules', 'expert_params', 'ddp_ignore_expert_params', 'reduce_expert_gradients',
-           'reduce_gradients', 'clip_grad_norm_', 'full_state_dict', 'load_full_state_dict',
+           'reduce_gradients', 'grad_norm', 'clip_coef', 'clip_grad_norm_', 'full_state_dict', 'load_full_state_dict',
            'full_optim_state_dict', 'load_full_optim_state_dict', 'apply_fsdp', 'all_to_all_bytes_per_layer',
            'unwrap', 'setup', 'shard', 'wrap', 'sync_gradients', 'finish_gradients']

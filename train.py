@@ -41,7 +41,7 @@ import hardware
 import optim
 import parallel
 import train_config
-from guard import Guard
+from guard import Guard, sync_debug_mode
 from metrics import MoEMetrics, RunLog, trim_log
 from model import TUNABLE, MoEGPT, MoEGPTConfig
 from train_config import check, die
@@ -97,6 +97,7 @@ backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = 'auto'  # 'auto' = cuda, else mps, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 on a GPU that has it natively, else float16 (GradScaler); float32 elsewhere
 compile = 'auto'  # torch.compile; 'auto' = on for CUDA only (off with expert_parallel > 1 or fsdp)
+compile_mode = 'default'  # torch.compile's mode; 'reduce-overhead', 'max-autotune': CUDA graphs (docs/performance.md)
 seed = 1337
 expert_parallel = 1  # split each MoE layer's experts over this many ranks (parallel.py); divides world size
 fsdp = False  # FSDP2 (fully_shard per block): shard parameters, gradients and AdamW state over all ranks
@@ -107,13 +108,15 @@ dead_expert_threshold = 0.1  # an expert is dead when its load over a log interv
 # reliability (docs/reliability.md)
 max_bad_steps = 10  # a step with a non-finite loss or grad norm is skipped; this many in a row stop the run
 debug_nan_at_iters = []  # test hook: the loss is poisoned with NaN at these iters (e.g. [3, 4])
+sync_debug = False  # CUDA: an op in a step that makes the host wait for the GPU raises (from the 3rd step on)
 # -----------------------------------------------------------------------------
 for _f in dataclasses.fields(MoEGPTConfig):  # new model fields become config keys automatically
     if _f.name not in globals():
         globals()[_f.name] = _f.default
 config_keys = [k for k in globals() if k not in _before and not k.startswith('_')]
 key_types = configurator.field_types(MoEGPTConfig)  # Literal fields: their choices are checked
-key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at_iters=(list, tuple))
+key_types.update(vocab_size=(int, type(None)), compile=(bool, str), debug_nan_at_iters=(list, tuple),
+                 compile_mode=train_config.COMPILE_MODES)
 
 
 sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once under nohup / tee / slurm
@@ -274,7 +277,8 @@ ckpt = None  # free memory
 raw_model = model  # the plain module: state_dict, MFU, eval
 if compile:
     print('compiling the model... (takes a ~minute)') if master_process else None
-    model = torch.compile(model)
+    model = torch.compile(model, mode=compile_mode)
+mark_step = train_config.cudagraph_step_marker(compile, compile_mode)  # before each forward (CUDA graphs)
 eval_model = model  # compiled if compile, never DDP-wrapped (eval needs no gradient sync)
 model = parallel.wrap(model, ddp, fsdp, device_ids=[local_rank] if device_type == 'cuda' else None)
 
@@ -295,6 +299,7 @@ def estimate_loss():
         acc = metrics.new_acc()
         for _ in range(eval_iters):
             X, Y = get_batch(split, torch.randint(n_tokens[split] - block_size, (batch_size,), generator=gen))
+            mark_step()
             with ctx:
                 _, _, stats = eval_model(X, Y)
             metrics.add(acc, stats)
@@ -329,6 +334,7 @@ if master_process:
 def save_checkpoint(evaluated):
     """Every rank calls this (sharded state is gathered); rank 0 writes ckpt.pt atomically, never with
     NaN/Inf weights. evaluated: this iter's eval ran (False for a preemption save: a resume runs it)."""
+    guard.settle()  # the steps not read yet: a run that must stop (max_bad_steps) stops before it saves
     guard.check_weights(raw_model, iter_num)
     if master_process:
         print(f'saving checkpoint to {ckpt_path}')
@@ -349,8 +355,7 @@ def resume_command():
 
 
 # ----------------------------------------------------------------------------- training loop
-if not eval_only:  # preemption: a signal lets the step finish, then saves (guard.py)
-    guard.catch_signals()
+guard.catch_signals() if not eval_only else None  # preemption: a signal lets the step finish, then saves
 start_iter = iter_num
 skip_eval_at = start_iter if init_from == 'resume' and resume_evaluated else -1  # already evaluated
 rows = next_iter_starts()
@@ -376,14 +381,16 @@ while True:
             save_checkpoint(evaluated=True)
         eval_time += time.perf_counter() - t_eval
     if eval_only or iter_num >= max_iters:
-        guard.settle()  # the last step's flags: print and count it like any other
+        guard.close()  # the last steps' flags: printed and counted like any other
         break
 
-    # one optimizer step: gradient_accumulation_steps micro-steps over all processes
+    # one optimizer step: gradient_accumulation_steps micro-steps over all processes, no host read (sync_debug)
+    sync_debug_mode(device_type, True) if sync_debug and iter_num >= start_iter + 2 else None
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     step_loss = torch.zeros((), device=device)  # this process's loss, for the finiteness check
     for micro_step in range(ga_local):
         parallel.sync_gradients(model, micro_step == ga_local - 1)  # reduce only on the last micro-step
+        mark_step()
         with ctx:
             _, loss, stats = model(X, Y)  # loss = ce + each loss term x its coefficient
             loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
@@ -401,8 +408,9 @@ while True:
             X, Y = get_batch('train', rows[0])
         scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # (a no-op unless float16) the true gradients, to clip and check
-    grad_norm = parallel.finish_gradients(model, grad_clip, sharded)  # EP's expert shards reduced, then clipped
-    stop = guard.step(iter_num, step_loss, grad_norm, optimizer, scaler)  # skipped if not finite on any rank
+    # EP's expert shards reduced, the norm, the clip factor: fused AdamW applies it (grad_scale), else done here
+    grad_norm, clip = parallel.finish_gradients(model, grad_clip, sharded, fold=optimizer.defaults.get('fused'))
+    guard.step(iter_num, step_loss, grad_norm, clip, optimizer, scaler)  # skipped if not finite on any rank
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
     if aux_free:  # DeepSeek-V3's expert_bias follows the step's load, all micro-steps and ranks (none if skipped)
@@ -410,10 +418,12 @@ while True:
             dist.all_reduce(step_counts)
         raw_model.update_expert_bias(step_counts * (1 - guard.skipped))
     iters_since_log += 1
+    stop = guard.stop_requested()  # preempted (under DDP: on any rank, agreed without a GPU read)
+    sync_debug_mode(device_type, False) if sync_debug else None
 
     # log: stats over the whole interval, all micro-steps, all processes
     if iter_num % log_interval == 0:
-        stop |= guard.settle()  # the log line syncs anyway: settle this step's flags first
+        guard.settle()  # the log line syncs anyway: read the steps' flags first
         s = metrics.reduce(acc)  # all processes take part (all_reduce)
         dt = (time.perf_counter() - t_log - eval_time) / iters_since_log
         mfu = raw_model.estimate_mfu(rows_per_rank, dt, peak_flops) if peak_flops else None

@@ -19,6 +19,10 @@ from model import MoEGPT, MoEGPTConfig
 from prepare import DataError, load_meta, prepare_command
 
 
+# torch.compile's modes (compile_mode); the two with CUDA graphs need static shapes (docs/performance.md)
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
 def die(msg):
     """Bad input: one clear message, exit code 2, no traceback, nothing written."""
     if int(os.environ.get('RANK', 0)) == 0:
@@ -40,6 +44,9 @@ def check_keys(c):
     check(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'),
           f"dtype={c['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
     check(c['compile'] in (True, False, 'auto'), f"compile={c['compile']!r} must be True, False or 'auto'")
+    check(c['compile_mode'] in COMPILE_MODES,
+          f"compile_mode={c['compile_mode']!r} must be one of {', '.join(map(repr, COMPILE_MODES))}")
+    check(c['sync_debug'] in (True, False), f"sync_debug={c['sync_debug']!r} must be True or False")
     check(c['backend'] in ('auto', 'nccl', 'gloo'), f"backend={c['backend']!r} must be 'auto', 'nccl' or 'gloo'")
     check(c['device'] in ('auto', 'cpu', 'cuda', 'mps') or re.fullmatch(r'cuda:\d+', c['device']),
           f"device={c['device']!r} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -102,6 +109,8 @@ def resolve_system(c, local_rank, sharded):
     compile = c['compile']
     if compile == 'auto':
         compile = device_type == 'cuda' and not sharded  # untested with EP's all-to-all and FSDP hooks
+    check(compile or c['compile_mode'] == 'default',
+          f"compile_mode={c['compile_mode']!r} is torch.compile's: it needs compile=True (compile is off here)")
     check(not (c['expert_parallel'] > 1 and dtype == 'float16'),
           "expert_parallel with dtype='float16': each rank's GradScaler would see only its own experts' "
           "overflows and skip steps on its own; use 'bfloat16' or 'float32'")
@@ -188,6 +197,16 @@ def check_out_dir(out_dir, dry_run, master):
                 pass
         except OSError as e:
             die(f'out_dir={out_dir!r} is not writable ({e.strerror or e})')
+
+
+def cudagraph_step_marker(compile, compile_mode):
+    """What train.py calls before each forward: with CUDA graphs (compile_mode 'reduce-overhead' or
+    'max-autotune'), torch.compiler.cudagraph_mark_step_begin, which tells cudagraph trees that the last
+    call's outputs are consumed (gradient accumulation runs the graph several times a step); else nothing."""
+    import torch
+    if compile and compile_mode in ('reduce-overhead', 'max-autotune'):
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
 
 
 def cpu_hint(gptconf, tokens_per_iter, max_iters, threads):
