@@ -301,7 +301,7 @@ def estimate_loss():
             X, Y = get_batch(split, torch.randint(n_tokens[split] - block_size, (batch_size,), generator=gen))
             mark_step()
             with ctx:
-                _, _, stats = eval_model(X, Y)
+                _, _, stats = eval_model(X, Y, return_logits=False)
             metrics.add(acc, stats)
         out[split] = metrics.reduce(acc)
     eval_model.train()
@@ -392,7 +392,7 @@ while True:
         parallel.sync_gradients(model, micro_step == ga_local - 1)  # reduce only on the last micro-step
         mark_step()
         with ctx:
-            _, loss, stats = model(X, Y)  # loss = ce + each loss term x its coefficient
+            _, loss, stats = model(X, Y, return_logits=False)  # ce + each loss term x its coef; LM head chunked
             loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
             if iter_num in nan_iters:  # test hook (debug_nan_at_iters): a NaN loss, and so NaN gradients
                 loss = loss * float('nan')
