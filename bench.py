@@ -570,11 +570,14 @@ def build_model(cfg, device, balanced, compile_):
     return model, step_model, opt
 
 
+FULL_LOGITS = [False]  # --full-logits: the training step returns the whole logits (the plain LM head + CE)
+
+
 def train_step(step_model, opt, xb, yb, device, dtype):
     ctx = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
            else torch.autocast(device.type, enabled=False))
     with ctx:
-        _, loss, _ = step_model(xb, yb, return_logits=False)  # train.py's step: the chunked LM head + CE
+        _, loss, _ = step_model(xb, yb, return_logits=FULL_LOGITS[0])  # train.py's: the chunked LM head + CE
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -763,6 +766,7 @@ def bench_memory(mcfg, device, dtype, balanced):
                    '--mcfg', json.dumps(mcfg), '--device', device.type,
                    '--dtype', [k for k, v in DTYPES.items() if v == dtype][0]]
             cmd += ['--threads', str(torch.get_num_threads())] + (['--balanced'] if balanced else [])
+            cmd += ['--full-logits'] if FULL_LOGITS[0] else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             peak = json.loads(out.stdout.strip().splitlines()[-1])['peak_bytes']
             how = 'peak RSS growth of a fresh subprocess (VmHWM - RSS after import torch)'
@@ -1006,6 +1010,9 @@ def parse_args(argv=None):
     p.add_argument('--baseline', default=None, metavar='FILE',
                    help='another version of model.py (e.g. `git show REV:model.py > old_model.py`): its '
                         'MoELayer, with the same weights, is checked and timed beside ours in section 1')
+    p.add_argument('--full-logits', action='store_true',
+                   help='the training step materialises the whole (tokens, vocab) logits, as before issue 21, '
+                        'instead of train.py\'s chunked LM head + CE (compare section 3\'s peak memory)')
     p.add_argument('--steps', type=int, default=None,
                    help='section 2: training steps back to back per timed call, synced only at its ends '
                         '(default: the preset\'s, 20 on CUDA, 3 on CPU, 2 with --quick)')
@@ -1022,7 +1029,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    JSON_OUT[0] = args.json
+    JSON_OUT[0], FULL_LOGITS[0] = args.json, args.full_logits
     args.dtype = args.dtype or hardware.auto_dtype(torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)
