@@ -1012,7 +1012,7 @@ def parse_args(argv=None):
                         'MoELayer, with the same weights, is checked and timed beside ours in section 1')
     p.add_argument('--full-logits', action='store_true',
                    help='the training step materialises the whole (tokens, vocab) logits, as before issue 21, '
-                        'instead of train.py\'s chunked LM head + CE (compare section 3\'s peak memory)')
+                        'instead of train.py\'s chunked LM head + CE on CUDA (compare section 3\'s peak memory)')
     p.add_argument('--steps', type=int, default=None,
                    help='section 2: training steps back to back per timed call, synced only at its ends '
                         '(default: the preset\'s, 20 on CUDA, 3 on CPU, 2 with --quick)')

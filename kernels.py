@@ -12,6 +12,13 @@ import torch.nn.functional as F
 HAS_GROUPED_MM = hasattr(F, 'grouped_mm')
 
 
+def chunked_lm_head(device):
+    """Whether training's LM head + CE run in chunks (torch >= 2.13's linear_cross_entropy): on CUDA,
+    where the whole fp32 logits cost GBs a step. On a CPU torch's default chunking for fp32 measured
+    up to 4x slower than the plain path (docs/performance.md), and memory is rarely the limit there."""
+    return hasattr(F, 'linear_cross_entropy') and device.type == 'cuda'
+
+
 def use_grouped_mm(expert_impl, device_type, dtype, aligned=True):
     """Whether the experts run as grouped_mm (else the per-expert slice loop). 'auto' takes grouped_mm
     only where it is one kernel that torch.compile can trace: CUDA, bf16 (grouped_mm's meta function,

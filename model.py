@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generation
-from kernels import HAS_GROUPED_MM, SortRows, UnsortRows, grouped_mlp, use_grouped_mm  # noqa: F401
+from kernels import HAS_GROUPED_MM, SortRows, UnsortRows, chunked_lm_head, grouped_mlp, use_grouped_mm  # noqa: F401
 from layers import CausalSelfAttention, make_norm, rope_cos_sin
 
 # ----------------------------------------------------------------------------- config
@@ -721,8 +721,8 @@ class MoEGPT(nn.Module):
 
     def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None, return_logits=True):
         """Returns (logits, loss, stats). loss = ce + sum of config.<name>_loss_coef * losses[name] (None
-        without targets). return_logits=False (training): logits None, the LM head + CE run in chunks
-        (torch's linear_cross_entropy): the (B*S, vocab) logits never exist at once. stats holds detached
+        without targets). return_logits=False (training): on CUDA the LM head + CE run in chunks (torch's
+        linear_cross_entropy), the (B*S, vocab) logits never exist at once, and logits is None. stats holds detached
         tensors for logging: 'ce', 'loss', 'losses' ({name: term}, empty for a dense model), and per MoE
         layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), plus 'routing'
         (one dict per MoE layer) when return_intermediate. kv_cache (a KVCache, generation only): idx
@@ -758,7 +758,7 @@ class MoEGPT(nn.Module):
         logits = loss = None
         if targets is None:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
-        elif return_logits or not hasattr(F, 'linear_cross_entropy'):  # torch < 2.13 has no chunked form
+        elif return_logits or not chunked_lm_head(x.device):  # kernels.py: CUDA, torch >= 2.13
             logits = self.lm_head(x)
             # CE in at least fp32: bf16 logits lose the small differences the loss is made of
             ce = F.cross_entropy(logits.view(b * t, -1).to(torch.promote_types(logits.dtype, torch.float32)),

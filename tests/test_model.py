@@ -171,10 +171,13 @@ def test_dropless_gradients_equal_naive_float64_reference(expert_impl, activatio
         assert err < tol, (name, err)
 
 
-def test_chunked_lm_head_cross_entropy_equals_the_plain_path():
+def test_chunked_lm_head_cross_entropy_equals_the_plain_path(monkeypatch):
     """return_logits=False (train.py's step): the LM head and CE through torch's chunked
-    linear_cross_entropy, never the whole logits; loss and every gradient equal the plain path in
-    float64 (targets with ignored positions too), and under bf16 autocast within bf16 rounding."""
+    linear_cross_entropy (taken on CUDA; forced here), never the whole logits; loss and every gradient
+    equal the plain path in float64 (targets with ignored positions too), and under bf16 autocast
+    within bf16 rounding."""
+    import model as model_module
+    monkeypatch.setattr(model_module, 'chunked_lm_head', lambda device: True)
     cfg = tiny_config(n_experts=4, top_k=2, vocab_size=512, n_embd=16, block_size=64)
     idx = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
     tgt = idx.roll(-1, 1)
