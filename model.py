@@ -722,11 +722,11 @@ class MoEGPT(nn.Module):
     def forward(self, idx, targets=None, return_intermediate=False, kv_cache=None, return_logits=True):
         """Returns (logits, loss, stats). loss = ce + sum of config.<name>_loss_coef * losses[name] (None
         without targets). return_logits=False (training): on CUDA the LM head + CE run in chunks (torch's
-        linear_cross_entropy), the (B*S, vocab) logits never exist at once, and logits is None. stats holds detached
-        tensors for logging: 'ce', 'loss', 'losses' ({name: term}, empty for a dense model), and per MoE
-        layer 'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), plus 'routing'
-        (one dict per MoE layer) when return_intermediate. kv_cache (a KVCache, generation only): idx
-        continues the cached tokens; filled in place."""
+        linear_cross_entropy; the (B*S, vocab) logits never exist at once) and logits is None. stats: detached
+        tensors for logging, 'ce', 'loss', 'losses' ({name: term}, empty for a dense model), per MoE layer
+        'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), and 'routing' (a dict
+        per MoE layer) with return_intermediate. kv_cache (a KVCache, generation only): idx continues the
+        cached tokens; filled in place."""
         device, (b, t) = idx.device, idx.size()
         past = len(kv_cache) if kv_cache is not None else 0
         if past + t > self.config.block_size:
