@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cli
 import hardware
 import optim
 from model import MLP, MoEGPT, MoEGPTConfig, MoELayer, activation_fn
@@ -414,10 +415,10 @@ def load_baseline(path):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except Exception as e:  # missing file, SyntaxError, an import it needs
-        sys.exit(f'bench.py: --baseline {path}: cannot import it: {type(e).__name__}: {e}')
+        cli.fail('bench.py', f'--baseline {path}: cannot import it: {type(e).__name__}: {e}')
     missing = [n for n in ('MoEGPTConfig', 'MoELayer') if not hasattr(module, n)]
     if missing:
-        sys.exit(f'bench.py: --baseline {path}: not a model.py (no {" or ".join(missing)}); '
+        cli.fail('bench.py', f'--baseline {path}: not a model.py (no {" or ".join(missing)}); '
                  'save one with `git show REV:model.py > OLD.py`')
     return module
 
@@ -987,24 +988,42 @@ DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfl
           'bf16': torch.bfloat16, 'float16': torch.float16, 'fp16': torch.float16}
 
 
+SECTIONS = ('layer', 'model', 'memory', 'sampling', 'compile')  # --skip's names
+
+
+def _checked(check):
+    """argparse type: run check(text) (raises ArgumentTypeError), keep the text (main splits it)."""
+    def parse(text):
+        check(text)
+        return text
+    parse.__name__ = check.__name__  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', default=None, help="default: dtype 'auto' of train.py (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU)")
+    """The arguments, each checked on its own (types, names, ranges); an error is one line, exit 2.
+    What depends on the machine or on several arguments (device, dtype, sizes) is check_args's."""
+    p = cli.Parser(prog='bench.py', description=__doc__.split('\n')[1],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu | cuda | cuda:N')
+    p.add_argument('--dtype', default=None, choices=list(DTYPES),
+                   help="default: dtype 'auto' of train.py (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU)")
     p.add_argument('--quick', action='store_true', help='tiny sizes (CI smoke run, seconds)')
     p.add_argument('--balanced', action='store_true', help='force uniform round-robin routing')
     p.add_argument('--compile', action='store_true', help='also time torch.compile-d ours/dense/model')
     p.add_argument('--json', action='store_true', help='print JSON instead of tables')
-    p.add_argument('--n-embd', default=None, help='comma list, overrides the preset (e.g. 384,768)')
-    p.add_argument('--tokens', default=None, help='comma list, overrides the preset (e.g. 4096,16384)')
-    p.add_argument('--moe', default=','.join(MOE_SHAPES), help=f'comma list of {list(MOE_SHAPES)}')
-    p.add_argument('--repeats', type=int, default=None)
-    p.add_argument('--threads', type=int, default=None,
+    p.add_argument('--n-embd', default=None, type=_checked(cli.int_list),
+                   help='comma list, overrides the preset (e.g. 384,768)')
+    p.add_argument('--tokens', default=None, type=_checked(cli.int_list),
+                   help='comma list, overrides the preset (e.g. 4096,16384)')
+    p.add_argument('--moe', default=','.join(MOE_SHAPES), type=_checked(lambda t: cli.names_list(t, MOE_SHAPES, 'MoE shape')),
+                   help=f'comma list of {list(MOE_SHAPES)}')
+    p.add_argument('--repeats', type=cli.positive_int, default=None)
+    p.add_argument('--threads', type=cli.positive_int, default=None,
                    help='torch.set_num_threads (default: torch\'s own). On a small CPU shared with other '
                         'jobs use 1: with 2+ OpenMP threads every parallel op waits at a barrier for a '
                         'descheduled thread, which turns a 1 ms matmul into a 16 ms one (measured here)')
-    p.add_argument('--onehot-budget-gib', type=float, default=None,
+    p.add_argument('--onehot-budget-gib', type=cli.positive_float, default=None,
                    help='memory the one-hot baseline may use (default: half of free RAM / GPU memory); '
                         'sizes whose estimate exceeds it are reported as OOM instead of run')
     p.add_argument('--baseline', default=None, metavar='FILE',
@@ -1013,22 +1032,73 @@ def parse_args(argv=None):
     p.add_argument('--full-logits', action='store_true',
                    help='the training step materialises the whole (tokens, vocab) logits, as before issue 21, '
                         'instead of train.py\'s chunked LM head + CE on CUDA (compare section 3\'s peak memory)')
-    p.add_argument('--steps', type=int, default=None,
+    p.add_argument('--steps', type=cli.positive_int, default=None,
                    help='section 2: training steps back to back per timed call, synced only at its ends '
                         '(default: the preset\'s, 20 on CUDA, 3 on CPU, 2 with --quick)')
-    p.add_argument('--profile', type=int, nargs='?', const=3, default=0, metavar='STEPS',
+    p.add_argument('--profile', type=cli.non_negative_int, nargs='?', const=3, default=0, metavar='STEPS',
                    help='first, a torch.profiler kernel table (top 30 by time) of STEPS (default 3) steady '
                         'training steps of section 2\'s models (on CUDA its kernels, on CPU its aten ops); '
-                        'runs even if section 2 is skipped')
+                        'runs even if section 2 is skipped; 0 = off')
     p.add_argument('--kernels-out', default=None, metavar='FILE', help='--profile: also write the table to FILE')
-    p.add_argument('--skip', default='', help='comma list of sections to skip: layer,model,memory,sampling,compile')
+    p.add_argument('--skip', default='', type=_checked(lambda t: cli.names_list(t, SECTIONS, 'section', True)),
+                   help='comma list of sections to skip: ' + ','.join(SECTIONS))
     p.add_argument('--_mem-child', default=None, help=argparse.SUPPRESS)
     p.add_argument('--mcfg', default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """What parse_args cannot check alone: the device is here, the dtype runs on it, the sizes fit the
+    expert matmuls and memory, the files can be read and written. Before any work; one line, exit 2."""
+    bad = lambda msg: cli.fail('bench.py', msg)  # noqa: E731
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        bad(f'--device {args.device!r} is not a device: use cpu, cuda or cuda:N')
+    if device.type not in ('cpu', 'cuda'):
+        bad(f'--device {args.device!r}: bench.py measures cpu or cuda')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            bad(f'--device {args.device}: this torch sees no CUDA GPU (use --device cpu)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            bad(f'--device {args.device}: there are {torch.cuda.device_count()} GPUs (cuda:0 ...)')
+    dtype_name = args.dtype or hardware.auto_dtype(device.type)
+    dtype = DTYPES[dtype_name]
+    if dtype == torch.bfloat16 and device.type == 'cuda' and not hardware.bf16_supported():
+        bad(f"--dtype {args.dtype}: this GPU has no native bfloat16; use float16 (or leave --dtype out)")
+    moe = args.moe.split(',')
+    if args.n_embd:
+        # the grouped expert matmul (torch._grouped_mm) wants every row a whole number of 16-byte units
+        unit = 16 // dtype.itemsize
+        for D in map(int, args.n_embd.split(',')):
+            for name in moe:
+                H = MOE_SHAPES[name][2](D)
+                if D % unit or H % unit or H < 1:
+                    bad(f'--n-embd {D}: with --moe {name} in {dtype_name} the expert matmuls need n_embd and '
+                        f'expert_hidden ({H}) to be multiples of {unit} (16-byte rows); use e.g. 64 or 384')
+    if args.tokens:
+        # the layer section holds a few (tokens, n_embd) and (tokens * top_k, hidden) tensors at once
+        D = max(map(int, args.n_embd.split(','))) if args.n_embd else 768
+        for T in map(int, args.tokens.split(',')):
+            need = max(T * D * 4 * MOE_SHAPES[n][1] * 4 * dtype.itemsize for n in moe)
+            free = free_memory_bytes(device)
+            if need > free:
+                bad(f'--tokens {T}: a layer of {T} tokens needs about {need / 2**30:.1f} GiB, more than the '
+                    f'{free / 2**30:.1f} GiB free; use fewer tokens')
+    if args.kernels_out is not None:
+        if not args.profile:
+            bad('--kernels-out writes the --profile table: add --profile (or drop --kernels-out)')
+        folder = os.path.dirname(os.path.abspath(args.kernels_out))
+        if os.path.isdir(args.kernels_out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            bad(f'--kernels-out {args.kernels_out}: not a file in an existing, writable folder')
+    if args.baseline:
+        args.baseline_module = load_baseline(args.baseline)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if not args._mem_child:
+        check_args(args)  # every argument, before any work
     JSON_OUT[0], FULL_LOGITS[0] = args.json, args.full_logits
     args.dtype = args.dtype or hardware.auto_dtype(torch.device(args.device).type)
     if args.threads:
@@ -1038,7 +1108,7 @@ def main(argv=None):
     if args._mem_child:
         return memory_child(args)
     t_start = time.perf_counter()
-    baseline = load_baseline(args.baseline) if args.baseline else None  # a bad file stops before any work
+    baseline = getattr(args, 'baseline_module', None)  # check_args loaded it: a bad file stopped it
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     preset = dict(PRESETS['quick' if args.quick else ('cuda' if device.type == 'cuda' else 'cpu')])
     n_embds = [int(v) for v in args.n_embd.split(',')] if args.n_embd else preset['n_embd']

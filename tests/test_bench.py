@@ -102,7 +102,7 @@ def test_bad_baseline_is_one_clear_line(tmp_path, text, says):
         path.write_text(text)
     r = subprocess.run([sys.executable, str(REPO / 'bench.py'), '--quick', '--baseline', str(path)],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert r.returncode == 1 and says in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert r.stdout == ''  # stopped before any work
 
 
