@@ -90,12 +90,17 @@ def run_state(out_dir, max_iters):
     return 'resume' if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')) else 'fresh'
 
 
+def other_args_msg(out_dir, old):
+    return (f'{out_dir} was trained with other arguments ({shlex.join(old)}); remove it, or pass another --root, '
+            f'to run it again')
+
+
 def ensure_run(args, out_dir, max_iters, label=''):
     """Train out_dir with train.py args unless it is done. Returns 'done' (skipped), 'fresh' or 'resume'."""
     old = train_args(out_dir)
     if old is not None and old != args:
-        sys.exit(f'compare.py: {out_dir} was trained with other arguments:\n  {shlex.join(old)}\nnow:\n  '
-                 f'{shlex.join(args)}\nremove it, or pass another --root, to run it again')
+        import cli
+        cli.fail('compare.py', other_args_msg(out_dir, old))
     state = run_state(out_dir, max_iters)
     if state == 'done':
         print(f'{label}{out_dir}: done, not redone', flush=True)
@@ -344,6 +349,11 @@ def mean(v):
     return sum(v) / len(v)
 
 
+def ratio(a, b):
+    """a / b, nan when b is 0 (a run with nothing to time: 0 iters, or no train record in its log)."""
+    return a / b if b else float('nan')
+
+
 def std(v):
     """Sample std over seeds; nan with one seed (no spread measured)."""
     if len(v) < 2:
@@ -394,8 +404,8 @@ def report(groups, ref=None, device='cpu', whole=True, ladder=()):
         row = dict(run=name, seeds=len(rs), total=rs[0]['total'], active=rs[0]['active'], fpt=rs[0]['fpt'],
                    iters=rs[0]['iters'], causal=conf.causal, batch_dependent=conf.batch_dependent,
                    eval_iters=rs[0]['cfg']['eval_iters'],
-                   ms=[1000 * r['train_s'] / r['iters'] for r in rs],
-                   tok_s=[r['tokens_per_iter'] * r['iters'] / r['train_s'] for r in rs],
+                   ms=[ratio(1000 * r['train_s'], r['iters']) for r in rs],  # nan: nothing timed (0 iters,
+                   tok_s=[ratio(r['tokens_per_iter'] * r['iters'], r['train_s']) for r in rs],  # no train record)
                    ce=final, ce_logged=[r['logged'][r['iters']] for r in rs])
         row['ladder'] = name in ladder
         if ref and name != ref and not row['ladder'] and conf.causal and infos[ref][0]['conf'].causal:
@@ -403,9 +413,11 @@ def report(groups, ref=None, device='cpu', whole=True, ladder=()):
             row['delta'] = mean(final) - mean(ce_ref)
             row['noise'] = 2 * math.sqrt(std(final) ** 2 + std(ce_ref) ** 2)  # nan with one seed: unknown
             flops = [r['iters'] * r['tokens_per_iter'] * r['fpt'] for r in rs]
-            row['compute_x'] = multiplier([p[0] for p in by_flops], [p[2] for p in by_flops], final, flops)
-            row['wall_x'] = multiplier([p[1] for p in by_secs], [p[2] for p in by_secs], final,
-                                       [r['train_s'] for r in rs])
+            if all(f > 0 for f in flops):  # a run of 0 iters spent nothing: no multiplier ('-')
+                row['compute_x'] = multiplier([p[0] for p in by_flops], [p[2] for p in by_flops], final, flops)
+            if all(r['train_s'] > 0 for r in rs):  # nothing timed (no train record in its log): '-'
+                row['wall_x'] = multiplier([p[1] for p in by_secs], [p[2] for p in by_secs], final,
+                                           [r['train_s'] for r in rs])
         rows.append(row)
     return rows, curves, source
 
@@ -413,6 +425,8 @@ def report(groups, ref=None, device='cpu', whole=True, ladder=()):
 def pm(v, fmt):
     """mean ± std over seeds (just the mean with one seed)."""
     m, s = mean(v), std(v)
+    if math.isnan(m):
+        return '-'  # nothing measured
     return format(m, fmt) if math.isnan(s) else f'{format(m, fmt)} ± {format(s, fmt)}'
 
 
@@ -524,9 +538,10 @@ def summarize(name, out_dir):
     evals, train = read_run(out_dir)
     layers = evals[-1][3]  # expert load on val at the last eval
     steady = train[len(train) // 5:] or train  # skip the first fifth: warm-up and one-off costs
+    ms = ratio(sum(r['ms_per_iter'] * r['iters'] for r in steady), sum(r['iters'] for r in steady))  # nan: nothing
     return {
         'run': name, 'iters': evals[-1][0], 'best_val_ce': min(e[2] for e in evals), 'final_val_ce': evals[-1][2],
-        'ms_per_iter': sum(r['ms_per_iter'] * r['iters'] for r in steady) / sum(r['iters'] for r in steady),
+        'ms_per_iter': None if math.isnan(ms) else ms,
         'max_over_mean': max((l['max_over_mean'] for l in layers), default=None),
         'dropped_pct': 100 * sum(l['drop_frac'] for l in layers) / len(layers) if layers else None,
     }
@@ -539,14 +554,15 @@ def log_table(dirs):
         try:
             rows.append(summarize(os.path.basename(os.path.normpath(d)), d))
         except (OSError, ValueError, KeyError) as e:
-            sys.exit(f'compare.py: cannot read {d}: {e}')
+            import cli
+            cli.fail('compare.py', f'cannot read {d}: {e}')
     base = next((r['ms_per_iter'] for r in rows if r['run'] == 'dense'), None)
     fmt = lambda v, f: '-' if v is None else format(v, f)  # noqa: E731
     out = ['| run | iters | best val CE | final val CE | ms/iter | vs dense | load max/mean | dropped % |',
            '|---|---|---|---|---|---|---|---|']
     for r in rows:
         out.append(f"| {r['run']} | {r['iters']} | {r['best_val_ce']:.4f} | {r['final_val_ce']:.4f} | "
-                   f"{r['ms_per_iter']:.1f} | {fmt(base and r['ms_per_iter'] / base, '.2f')}x | "
+                   f"{fmt(r['ms_per_iter'], '.1f')} | {fmt(base and r['ms_per_iter'] and r['ms_per_iter'] / base, '.2f')}x | "
                    f"{fmt(r['max_over_mean'], '.2f')} | {fmt(r['dropped_pct'], '.1f')} |")
     return '\n'.join(out)
 
@@ -589,22 +605,29 @@ def write_report(dirs, ref, plot_path, md_path, device, title, whole=True, ladde
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PLOT_FORMATS = ('', '.png', '.pdf', '.svg', '.svgz', '.jpg', '.jpeg', '.eps', '.ps', '.tif', '.tiff', '.webp')
+MAX_SEED = 2**32 - 1  # numpy's seed range: train.py seeds numpy with it
+
+
+def parse_args(argv=None):
+    """The arguments, checked one by one (types, ranges, names: cli.Parser, one line, exit 2)."""
+    import cli
+    p = cli.Parser(prog='compare.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('out_dirs', nargs='*', help='runs to report on')
     p.add_argument('--suite', choices=list(SUITES), help='run what is missing of this suite, then report')
-    p.add_argument('--seeds', type=int, default=3, help=f'seeds per run: the first N of {SEEDS}')
+    p.add_argument('--seeds', type=cli.positive_int, default=3, help=f'seeds per run: the first N of {SEEDS}')
     p.add_argument('--seed_list', default='', help='comma-separated seeds instead (e.g. one seed per machine)')
     p.add_argument('--ladder', action='store_true', help="also run the suite's reference ladder (see SUITES)")
     p.add_argument('--ref_ladder', default='', help='out_dirs: run names that are the reference at more iterations')
     p.add_argument('--only', default='', help='comma-separated run names of the suite (default: all)')
     p.add_argument('--root', default=None, help='where runs go (default: out-<suite>, out-zoo with --run)')
     p.add_argument('--run', action='store_true', help='first train every zoo config at the CPU recipe')
-    p.add_argument('--max_iters', type=int, default=None, help='override the suite\'s (smoke tests); --run: 300')
-    p.add_argument('--eval_interval', type=int, default=None, help='override the suite\'s; --run: 50')
+    p.add_argument('--max_iters', type=cli.positive_int, default=None,
+                   help='override the suite\'s (smoke tests); --run: 300')
+    p.add_argument('--eval_interval', type=cli.positive_int, default=None, help='override the suite\'s; --run: 50')
     p.add_argument('--data_dir', default=None, help='train.py data_dir for every run')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='train.py override for every run')
-    p.add_argument('--eval_noise', type=int, default=0, metavar='DRAWS',
+    p.add_argument('--eval_noise', type=cli.non_negative_int, default=0, metavar='DRAWS',
                    help='out_dirs: DRAWS evals of eval_iters batches each on the final checkpoint, vs the whole split')
     p.add_argument('--prune', action='store_true', help='after each run, evaluate its checkpoints on the whole val '
                    'split, then delete all but the final one and ckpt.pt (big models: a checkpoint per eval is a lot)')
@@ -613,7 +636,65 @@ def main():
     p.add_argument('--report', default=None, help='markdown path (default: <root>/results.md)')
     p.add_argument('--device', default='cpu', help='where the whole-split evals run (cpu, cuda)')
     p.add_argument('--logged_only', action='store_true', help='no whole-split evals: the logged val CE (quick look)')
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """What each argument means for this run, checked before any run starts or any file is written: a bad one
+    found after an hour of training (a plot path, a device) would waste the hour. One line, exit 2."""
+    import cli
+    bad = lambda msg: cli.fail('compare.py', msg)  # noqa: E731
+    if args.seeds > len(SEEDS):
+        bad(f'--seeds {args.seeds}: there are {len(SEEDS)} preset seeds ({SEEDS}); name others with --seed_list')
+    if args.seed_list:
+        try:
+            seeds = [int(x) for x in args.seed_list.split(',')]
+        except ValueError:
+            bad(f'--seed_list {args.seed_list!r}: a comma list of integer seeds, e.g. 1337,1,2')
+        if any(not 0 <= x <= MAX_SEED for x in seeds) or len(set(seeds)) != len(seeds):
+            bad(f'--seed_list {args.seed_list!r}: seeds must be distinct integers in 0 .. {MAX_SEED}')
+    if args.only:
+        if not args.suite:
+            bad('--only names runs of a suite: add --suite')
+        known = [n for n, _, _ in SUITES[args.suite]['runs']] + [n for n, _, _ in SUITES[args.suite].get('ladder', [])]
+        unknown = [n for n in args.only.split(',') if n and n not in known]
+        if unknown or not any(args.only.split(',')):
+            bad(f'--only {args.only!r}: suite {args.suite} has runs {", ".join(known)}')
+    for kv in args.set:
+        if not re.fullmatch(r'[A-Za-z_]\w*=.*', kv):
+            bad(f'--set {kv!r}: write train.py overrides as KEY=VALUE, e.g. --set dropout=0.1')
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        bad(f'--data_dir {args.data_dir!r} is not a folder (prepare.py writes one)')
+    if args.root is not None and (not args.root or os.path.exists(args.root) and not os.path.isdir(args.root)):
+        bad(f'--root {args.root!r}: not a folder; name a folder for the runs')
+    for d in args.out_dirs:
+        if not os.path.isdir(d):
+            bad(f'{d!r} is not a run folder (an out_dir of train.py)')
+    for flag, path in (('--plot', args.plot), ('--report', args.report)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path)) if path else ''
+        if not path or os.path.isdir(path) or not os.path.isdir(folder):
+            bad(f'{flag} {path!r}: its folder {folder!r} does not exist; create it first, or name a file in an '
+                f'existing folder')
+        if not os.access(folder, os.W_OK):
+            bad(f'{flag} {path!r}: the folder {folder!r} is not writable')
+        if flag == '--plot' and os.path.splitext(path)[1].lower() not in PLOT_FORMATS:
+            bad(f'--plot {path!r}: not an image file name; use .png (or .pdf, .svg, .jpg)')
+    if args.device != 'cpu':
+        if not re.fullmatch(r'cuda(:\d+)?|mps', args.device):
+            bad(f'--device {args.device!r}: cpu, cuda, cuda:N or mps')
+        import hardware
+        try:
+            hardware.resolve_device(args.device, 'float32')
+        except hardware.DeviceError as e:
+            bad(f'--device: {e}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     common = ([f'--data_dir={args.data_dir}'] if args.data_dir is not None else []) + [f'--{kv}' for kv in args.set]
     extra = []
@@ -631,6 +712,11 @@ def main():
         for name in ladder:  # ladder runs done before (--ladder) count, even when not asked to run now
             runs += [r for r in suite_runs(args.suite, seeds, root, [name], extra, True)
                      if r not in runs and run_state(r[2], r[4]) == 'done']
+        for _, _, out_dir, targs, _ in runs:  # every run's folder, before the first one starts
+            old = train_args(out_dir)
+            if old is not None and old != targs:
+                import cli
+                cli.fail('compare.py', other_args_msg(out_dir, old))
         for i, (name, seed, out_dir, targs, max_iters) in enumerate(runs):
             ensure_run(targs, out_dir, max_iters, f'[{i + 1}/{len(runs)}] ')
             if args.prune:  # evaluate the kept checkpoints now (cached), then keep only the final one and ckpt.pt
@@ -655,7 +741,8 @@ def main():
             ensure_run(targs, os.path.join(root, name), max_iters, f'[{i + 1}/{len(ZOO)}] ')
     dirs = args.out_dirs or [os.path.join(root, n) for n in ZOO if os.path.isdir(os.path.join(root, n))]
     if not dirs:
-        sys.exit('compare.py: no runs found; pass out_dirs, --suite or --run')
+        import cli
+        cli.fail('compare.py', 'no runs found; pass out_dirs, --suite or --run')
     if args.eval_noise:
         print(f'| run | whole val split | {args.eval_noise} evals as logged: mean ± std | min .. max | logged |')
         print('|---|---|---|---|---|')

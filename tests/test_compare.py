@@ -279,8 +279,10 @@ def test_suite_runs_once_resumes_and_reports(tmp_path, small_char_dir, monkeypat
     # other arguments for an existing run: refused, not silently mixed
     monkeypatch.setattr(sys, 'argv', ['compare.py', '--suite', 'cpu_baby', *SMALL, '--root', str(root),
                                       '--data_dir', str(small_char_dir), '--set', 'learning_rate=0.01'])
-    with pytest.raises(SystemExit, match='trained with other arguments'):
+    with pytest.raises(SystemExit) as e:
         compare.main()
+    err = capsys.readouterr().err  # the bad-input contract: one line, exit 2, before any run starts
+    assert e.value.code == 2 and 'trained with other arguments' in err and err.count('\n') == 1, err
 
     # eval noise: independent logged-style evals of the final checkpoint, against the whole split
     whole, draws = compare.eval_noise(str(root / 'dense-s1337'), 3)
