@@ -1000,7 +1000,7 @@ def _checked(check):
     return parse
 
 
-def parse_args(argv=None):
+def make_parser():
     """The arguments, each checked on its own (types, names, ranges); an error is one line, exit 2.
     What depends on the machine or on several arguments (device, dtype, sizes) is check_args's."""
     p = cli.Parser(prog='bench.py', description=__doc__.split('\n')[1],
@@ -1044,7 +1044,11 @@ def parse_args(argv=None):
                    help='comma list of sections to skip: ' + ','.join(SECTIONS))
     p.add_argument('--_mem-child', default=None, help=argparse.SUPPRESS)
     p.add_argument('--mcfg', default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -1076,15 +1080,20 @@ def check_args(args):
                 if D % unit or H % unit or H < 1:
                     bad(f'--n-embd {D}: with --moe {name} in {dtype_name} the expert matmuls need n_embd and '
                         f'expert_hidden ({H}) to be multiples of {unit} (16-byte rows); use e.g. 64 or 384')
-    if args.tokens:
-        # the layer section holds a few (tokens, n_embd) and (tokens * top_k, hidden) tensors at once
-        D = max(map(int, args.n_embd.split(','))) if args.n_embd else 768
-        for T in map(int, args.tokens.split(',')):
-            need = max(T * D * 4 * MOE_SHAPES[n][1] * 4 * dtype.itemsize for n in moe)
-            free = free_memory_bytes(device)
-            if need > free:
-                bad(f'--tokens {T}: a layer of {T} tokens needs about {need / 2**30:.1f} GiB, more than the '
-                    f'{free / 2**30:.1f} GiB free; use fewer tokens')
+    if args.tokens or args.n_embd:
+        # a layer: its weights, grads and AdamW-free copies (~4x 2*E*D*H), and a few (tokens, n_embd) and
+        # (tokens * top_k, hidden) activations at once; more than the free memory fails in the middle of the run
+        free = free_memory_bytes(device)
+        for D in map(int, (args.n_embd or '768').split(',')):
+            for T in map(int, (args.tokens or '65536').split(',')):
+                for n in moe:
+                    E, K, hidden_fn = MOE_SHAPES[n]
+                    need = (4 * 2 * E * D * hidden_fn(D) + 4 * T * K * (D + hidden_fn(D))) * dtype.itemsize
+                    if need > free:
+                        bad(f'--n-embd {D} --tokens {T} --moe {n}: a layer needs about {need / 2**30:.3g} GiB, more '
+                            f'than the {free / 2**30:.1f} GiB free; use smaller sizes')
+    if args.threads and args.threads > (os.cpu_count() or 1):
+        bad(f'--threads {args.threads}: this machine has {os.cpu_count()} CPUs; more threads only wait on each other')
     if args.kernels_out is not None:
         if not args.profile:
             bad('--kernels-out writes the --profile table: add --profile (or drop --kernels-out)')

@@ -609,7 +609,7 @@ PLOT_FORMATS = ('', '.png', '.pdf', '.svg', '.svgz', '.jpg', '.jpeg', '.eps', '.
 MAX_SEED = 2**32 - 1  # numpy's seed range: train.py seeds numpy with it
 
 
-def parse_args(argv=None):
+def make_parser():
     """The arguments, checked one by one (types, ranges, names: cli.Parser, one line, exit 2)."""
     import cli
     p = cli.Parser(prog='compare.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -636,7 +636,12 @@ def parse_args(argv=None):
     p.add_argument('--report', default=None, help='markdown path (default: <root>/results.md)')
     p.add_argument('--device', default='cpu', help='where the whole-split evals run (cpu, cuda)')
     p.add_argument('--logged_only', action='store_true', help='no whole-split evals: the logged val CE (quick look)')
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """The arguments, each checked (make_parser) and then together (check_args)."""
+    args = make_parser().parse_args(argv)
     check_args(args)
     return args
 

@@ -243,7 +243,7 @@ def test_sample_bad_input_says_what_is_wrong(case, trained_out_dir, tmp_path):
         args.append('--num_samples')
         expect = "bad argument '--num_samples': overrides are written --key=value"
     r = run('sample.py', f'--out_dir={out}', *args)
-    assert r.returncode == 1 and r.stdout == ''
+    assert r.returncode == 2 and r.stdout == ''
     assert expect in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
 
@@ -257,7 +257,7 @@ def test_sample_dtype_wants_native_bf16(tmp_path):
     r = subprocess.run([sys.executable, 'sample.py', '--device=cuda', '--dtype=bfloat16',
                         f'--out_dir={tmp_path / "none"}'], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, 'PYTHONPATH': str(tmp_path)})
-    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "dtype='bfloat16' is not supported natively by this GPU" in r.stderr, r.stderr
 
 

