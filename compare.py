@@ -404,8 +404,9 @@ def report(groups, ref=None, device='cpu', whole=True, ladder=()):
         row = dict(run=name, seeds=len(rs), total=rs[0]['total'], active=rs[0]['active'], fpt=rs[0]['fpt'],
                    iters=rs[0]['iters'], causal=conf.causal, batch_dependent=conf.batch_dependent,
                    eval_iters=rs[0]['cfg']['eval_iters'],
-                   ms=[ratio(1000 * r['train_s'], r['iters']) for r in rs],  # nan: nothing timed (0 iters,
-                   tok_s=[ratio(r['tokens_per_iter'] * r['iters'], r['train_s']) for r in rs],  # no train record)
+                   # nan: nothing timed (0 iters, or no train record in the log: 0 s is no measurement)
+                   ms=[ratio(1000 * r['train_s'], r['iters'] if r['train_s'] else 0) for r in rs],
+                   tok_s=[ratio(r['tokens_per_iter'] * r['iters'], r['train_s']) for r in rs],
                    ce=final, ce_logged=[r['logged'][r['iters']] for r in rs])
         row['ladder'] = name in ladder
         if ref and name != ref and not row['ladder'] and conf.causal and infos[ref][0]['conf'].causal:
@@ -413,9 +414,9 @@ def report(groups, ref=None, device='cpu', whole=True, ladder=()):
             row['delta'] = mean(final) - mean(ce_ref)
             row['noise'] = 2 * math.sqrt(std(final) ** 2 + std(ce_ref) ** 2)  # nan with one seed: unknown
             flops = [r['iters'] * r['tokens_per_iter'] * r['fpt'] for r in rs]
-            if all(f > 0 for f in flops):  # a run of 0 iters spent nothing: no multiplier ('-')
+            if all(f > 0 for f in flops) and all(r['iters'] > 0 for r in infos[ref]):  # 0 iters: no multiplier
                 row['compute_x'] = multiplier([p[0] for p in by_flops], [p[2] for p in by_flops], final, flops)
-            if all(r['train_s'] > 0 for r in rs):  # nothing timed (no train record in its log): '-'
+            if all(r['train_s'] > 0 for r in rs + infos[ref]):  # nothing timed (no train record in a log): '-'
                 row['wall_x'] = multiplier([p[1] for p in by_secs], [p[2] for p in by_secs], final,
                                            [r['train_s'] for r in rs])
         rows.append(row)

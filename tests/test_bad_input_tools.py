@@ -14,6 +14,7 @@ Then one regression test per case the issue lists.
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -240,3 +241,130 @@ def test_pair_counts():
     counts = {k: v * len(HOSTILE) for k, v in keys.items()}
     print('(key, value) pairs per entry point:', counts)
     assert all(v >= 5 * len(HOSTILE) for v in counts.values()), counts
+
+
+# ----------------------------------------------------------------------------- regressions: the issue's cases
+
+EC = dict(n_experts=4, router='expert_choice', capacity_factor=2.0)
+
+
+def test_sample_show_routing_on_expert_choice_is_one_line(work, shakespeare_char_dir):
+    """Case 5: generate raised ValueError (a traceback) after the model was loaded; now one line, exit 2,
+    before any token is sampled."""
+    import sample
+    tmp, _ = work
+    run = write_run(tmp / 'ec_run', shakespeare_char_dir, **EC)
+    code, err, tb = call(sample.main, [f'--out_dir={run}', '--device=cpu', '--show_routing', '--max_new_tokens=2'])
+    assert_contract('sample.py', code, err, tb, 'show_routing on expert choice')
+    assert "router='expert_choice'" in err and 'sample without --show_routing' in err
+    shutil.rmtree(run)  # the work fixture checks the rest of the folder is unchanged
+
+
+@pytest.mark.parametrize('model_kw,says', [(EC, "kv cache off: router='expert_choice' is not causal"),
+                                           (dict(n_experts=4, top_k=2), 'kv cache on)')])
+def test_sample_kv_cache_line_says_what_generate_did(work, shakespeare_char_dir, model_kw, says):
+    """Case 5: sampling an expert-choice checkpoint printed 'kv cache on' though generate turns the cache off
+    for a non-causal router; a causal one still says on."""
+    import sample
+    tmp, _ = work
+    run = write_run(tmp / 'r2', shakespeare_char_dir, **model_kw)
+    code, err, tb = call(sample.main, [f'--out_dir={run}', '--device=cpu', '--max_new_tokens=3', '--num_samples=1'])
+    assert code == 0 and not tb, (err, tb)
+    assert says in err, err
+    shutil.rmtree(run)
+
+
+@pytest.mark.parametrize('argv,says', [(['--seeds', '0'], '--seeds: 0 must be >= 1'),
+                                       (['--seeds', '-1'], '--seeds: -1 must be >= 1'),
+                                       (['--seeds', '11'], 'there are 10 preset seeds')])
+def test_compare_seeds_out_of_range_start_nothing(work, monkeypatch, argv, says):
+    """Case 6: --seeds 0 was an IndexError, --seeds -1 started 54 training runs (SEEDS[:-1]); now refused
+    before any run (train.py is never launched: subprocess.run would raise here)."""
+    monkeypatch.setattr(compare.subprocess, 'run', lambda *a, **k: pytest.fail('a run was started'))
+    code, err, tb = call(compare.main, ['--suite', 'cpu_baby', *argv, '--root', 'suite_root'])
+    assert_contract('compare.py', code, err, tb, argv)
+    assert says in err and not os.path.exists('suite_root')
+
+
+def fake_run(d, evals, train_recs, torn=False):
+    """An out_dir as train.py leaves it: config.json and log.jsonl with these eval CEs and train records."""
+    d.mkdir()
+    cfg = dict(gradient_accumulation_steps=1, batch_size=4, eval_iters=2, data_dir='x', dataset='y', **TINY)
+    (d / 'config.json').write_text(json.dumps(cfg))
+    recs = [{'type': 'eval', 'iter': i, 'val_ce': ce, 'layers': []} for i, ce in evals.items()] + train_recs
+    text = '\n'.join(map(json.dumps, recs)) + '\n'
+    (d / 'log.jsonl').write_text(text + ('{"type": "train", "iter": 9, "ms_per' if torn else ''))
+
+
+@pytest.mark.parametrize('kind', ['max_iters_0', 'torn_last_line'])
+def test_compare_run_with_nothing_to_time_reports_a_dash(tmp_path, monkeypatch, capsys, kind):
+    """Case 6: a run with no timed step (max_iters=0: only the iter-0 eval; or a log whose only train record
+    is a torn last line) divided by zero in the report and the log table; now its ms/iter and tokens/s read
+    '-' and the report is written."""
+    monkeypatch.chdir(tmp_path)
+    if kind == 'max_iters_0':
+        fake_run(tmp_path / 'dense', {0: 4.2}, [])
+    else:
+        fake_run(tmp_path / 'dense', {0: 4.2, 10: 3.9}, [], torn=True)
+    fake_run(tmp_path / 'moe', {0: 4.2, 10: 3.5}, [{'type': 'train', 'iter': 9, 'iters': 10, 'ms_per_iter': 5.0,
+                                                    'layers': []}])
+    compare.main(['dense', 'moe', '--logged_only', '--plot', 'r.png'])
+    out = capsys.readouterr().out
+    dense_rows = [ln for ln in out.splitlines() if ln.startswith('| dense |') or '| dense | 1 |' in ln]
+    assert len(dense_rows) == 2 and all('| - |' in ln for ln in dense_rows), out
+    rows = {r['run']: r for r in json.loads((tmp_path / 'r.json').read_text())['rows']}
+    assert math.isnan(rows['dense']['ms'][0]) and math.isnan(rows['dense']['tok_s'][0])
+    assert rows['moe']['ms'] == [pytest.approx(5.0)]  # a timed run next to it is measured as before
+    assert 'wall_x' not in rows['moe'] and 'wall_x' not in rows['dense']  # the reference timed nothing
+
+
+def test_compare_plot_into_a_missing_folder_is_refused_before_any_work(work, monkeypatch):
+    """Case 6: --plot into a missing folder was a traceback after every run and eval; now checked first."""
+    monkeypatch.setattr(compare.subprocess, 'run', lambda *a, **k: pytest.fail('a run was started'))
+    for flag, path in (('--plot', 'no/such/folder/r.png'), ('--report', 'no/such/r.md'), ('--plot', 'r.xyz')):
+        code, err, tb = call(compare.main, ['--suite', 'cpu_baby', '--seeds', '1', '--root', 'suite_root', flag, path])
+        assert_contract('compare.py', code, err, tb, path)
+        assert flag in err and not os.path.exists('suite_root')
+
+
+def test_export_to_an_existing_file_is_one_line(work):
+    """Case 7: --to naming an existing file was a NotADirectoryError traceback; the file is left as it was."""
+    import export
+    tmp, run = work
+    code, err, tb = call(export.main, [f'--out_dir={run}', '--to=a_file'])
+    assert_contract('export.py', code, err, tb, '--to=a_file')
+    assert 'is a file' in err and (tmp / 'a_file').read_text() == 'keep me'
+
+
+@pytest.mark.parametrize('argv,says', [
+    (['--moe', '8e-top2,16e'], "unknown MoE shape '16e'"),
+    (['--dtype', 'f8'], "--dtype: invalid choice: 'f8'"),
+    (['--tokens', 'abc'], "'abc' is not an integer"),
+    (['--tokens', '0'], '0 must be >= 1'),
+    (['--n-embd', '7'], '--n-embd 7: with --moe 8e-top2 in float32'),
+    (['--device', 'cuda'], 'this torch sees no CUDA GPU (use --device cpu)'),
+    (['--skip', 'layers'], "unknown section 'layers'"),
+])
+def test_bench_bad_argument_is_refused_before_any_work(monkeypatch, argv, says):
+    """Case 8: each of these was a traceback (or, --skip, ignored while the whole benchmark ran); now one line,
+    exit 2, before the first check or timing (check_layer_variants would fail the test if reached)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # --device cuda: as on a machine without one
+    monkeypatch.setattr(bench, 'check_layer_variants', lambda *a, **k: pytest.fail('work started'))
+    code, err, tb = call(bench.main, ['--quick', '--device', 'cpu', *argv])
+    assert_contract('bench.py', code, err, tb, argv)
+    assert says in err, err
+
+
+def test_each_tool_exits_2_in_one_line_as_a_process(tmp_path):
+    """The contract end to end, through each script's __main__ (one process per tool): exit code 2, one
+    stderr line, nothing on stdout, nothing written."""
+    (tmp_path / 'f').write_text('x')
+    cases = [('sample.py', [f'--out_dir={tmp_path}', '--temperature=1e400']),
+             ('compare.py', ['--suite', 'cpu_baby', '--seeds', '-1', '--root', str(tmp_path / 'root')]),
+             ('export.py', [f'--out_dir={tmp_path}', f'--to={tmp_path / "f"}']),
+             ('bench.py', ['--quick', '--skip', 'nothing'])]
+    for script, argv in cases:
+        r = subprocess.run([sys.executable, script, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stdout == '' and r.stderr.count('\n') == 1, (script, r.stderr)
+        assert r.stderr.startswith(f'{script}: error: ') and 'Traceback' not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ['f'] and (tmp_path / 'f').read_text() == 'x'
