@@ -1084,8 +1084,9 @@ def check_args(args):
         # a layer: its weights, grads and AdamW-free copies (~4x 2*E*D*H), and a few (tokens, n_embd) and
         # (tokens * top_k, hidden) activations at once; more than the free memory fails in the middle of the run
         free = free_memory_bytes(device)
-        for D in map(int, (args.n_embd or '768').split(',')):
-            for T in map(int, (args.tokens or '65536').split(',')):
+        preset = PRESETS['quick' if args.quick else ('cuda' if device.type == 'cuda' else 'cpu')]  # main's choice
+        for D in (map(int, args.n_embd.split(',')) if args.n_embd else preset['n_embd']):
+            for T in (map(int, args.tokens.split(',')) if args.tokens else preset['tokens']):
                 for n in moe:
                     E, K, hidden_fn = MOE_SHAPES[n]
                     need = (4 * 2 * E * D * hidden_fn(D) + 4 * T * K * (D + hidden_fn(D))) * dtype.itemsize
