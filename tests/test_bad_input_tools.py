@@ -247,6 +247,7 @@ def test_pair_counts():
 EC = dict(n_experts=4, router='expert_choice', capacity_factor=2.0)
 
 
+@pytest.mark.filterwarnings('ignore:router=expert_choice')  # model.py's "sees the future" note: known here
 def test_sample_show_routing_on_expert_choice_is_one_line(work, shakespeare_char_dir):
     """Case 5: generate raised ValueError (a traceback) after the model was loaded; now one line, exit 2,
     before any token is sampled."""
@@ -259,6 +260,7 @@ def test_sample_show_routing_on_expert_choice_is_one_line(work, shakespeare_char
     shutil.rmtree(run)  # the work fixture checks the rest of the folder is unchanged
 
 
+@pytest.mark.filterwarnings('ignore:router=expert_choice')
 @pytest.mark.parametrize('model_kw,says', [(EC, "kv cache off: router='expert_choice' is not causal"),
                                            (dict(n_experts=4, top_k=2), 'kv cache on)')])
 def test_sample_kv_cache_line_says_what_generate_did(work, shakespeare_char_dir, model_kw, says):
