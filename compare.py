@@ -241,7 +241,6 @@ def whole_val_curve(out_dir, cfg, device='cpu'):
     """{iter: whole-split val CE} of every checkpoint the run kept (ckpt-<iter>.pt, else ckpt.pt), in eval
     mode; cached in out_dir/val_whole.json by file size and mtime, so a report costs nothing the second time."""
     import numpy as np
-    import torch
     import checkpoint
     from model import MoEGPT, MoEGPTConfig
     from prepare import load_meta
