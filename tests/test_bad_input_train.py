@@ -1,0 +1,193 @@
+"""Bad input to train.py (issue 24), as a property: every config key, fed hostile values, gives either a
+sane run or the contract of docs/reliability.md: one `train.py: error:` message (a command to run may
+follow on indented lines), exit 2, no traceback, and nothing written: the out_dir, which holds a finished
+run, byte for byte as it was. Then one regression test per class of the issue's train.py cases.
+
+The pairs come from train.py itself (its --help globals: every key, its default and its accepted types),
+not from a hand list. They run as --dry_run (every check runs before a dry run stops) in one subprocess
+that executes train.py once per pair (one torch import for all: a subprocess per pair is ~2 s each).
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import checkpoint  # noqa: E402
+
+TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+        '--batch_size=4', '--dropout=0.0', '--eval_iters=2', '--warmup_iters=0', '--log_interval=1',
+        '--n_experts=4', '--top_k=2', '--lr_decay_iters=4', '--eval_interval=2', '--max_iters=4']
+
+# Hostile command-line values for every key: negative, zero, huge (past int64), inf and -inf (1e400 reads as
+# inf), nan, wrong types, empty, blank, an unknown name, and the bare --key form
+HOSTILE_ARGS = ['-1', '0', '-0.5', '1.5', str(2 ** 64), str(-2 ** 64), '1e400', '-1e400', 'nan', 'inf', '', ' ',
+                'no_such_name', 'None', 'True', '[]', "['x']", '[-1]', '{}', '()']
+# ...and values only a config file can give: real floats nan/inf, ints at the int64 edge, and from the default
+HOSTILE_EXPRS = ["float('nan')", "float('inf')", "-float('inf')", str(2 ** 63), str(-2 ** 63 - 1)]
+
+WORKER = r'''
+"""Run train.py once per argv in this process; report each run's exit code, output and out_dir hashes."""
+import contextlib, hashlib, io, json, os, sys, traceback, warnings
+repo, spec_path, out_path = sys.argv[1:4]
+spec = json.load(open(spec_path))
+sys.path.insert(0, repo)
+code = compile(open(os.path.join(repo, 'train.py')).read(), os.path.join(repo, 'train.py'), 'exec')
+
+
+def tree_hash(d):
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(d)):
+        dirs.sort()
+        h.update(os.path.relpath(root, d).encode() + b'/')
+        for f in sorted(files):
+            h.update(f.encode())
+            h.update(open(os.path.join(root, f), 'rb').read())
+    return h.hexdigest()
+
+
+class Out(io.StringIO):
+    def reconfigure(self, **kw):  # train.py line-buffers its stdout
+        pass
+
+
+def run(argv):
+    g = {'__name__': '__main__', '__file__': os.path.join(repo, 'train.py')}
+    o, e = Out(), Out()
+    sys.argv = ['train.py', *argv]
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # (a warning is not an error: a config the paper uses, warned)
+        try:
+            exec(code, g)
+            rc = 0
+        except SystemExit as ex:
+            rc = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
+        except BaseException:
+            traceback.print_exc(file=e)
+            rc = 'traceback'
+    return rc, o.getvalue(), e.getvalue(), g
+
+
+if spec['what'] == 'keys':  # train.py's own keys, defaults and accepted types (its --help exits before parsing)
+    _, _, _, g = run(['--help'])
+    keys = {k: dict(default=repr(g[k]), types=[t.__name__ if isinstance(t, type) else repr(t)
+                                               for t in g['key_types'].get(k, (type(g[k]),))])
+            for k in g['config_keys']}
+    json.dump(keys, open(out_path, 'w'))
+else:
+    results = []
+    for argv in spec['runs']:
+        before = [tree_hash(d) for d in spec['watch']]
+        rc, o, e, _ = run(argv)
+        results.append(dict(argv=argv, rc=rc, out=o[-2000:], err=e[-4000:],
+                            changed=[d for d, h in zip(spec['watch'], before) if tree_hash(d) != h]))
+    json.dump(results, open(out_path, 'w'))
+'''
+
+
+def train(args, timeout=300):
+    return subprocess.run([sys.executable, 'train.py', *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def ok(r):
+    assert r.returncode == 0, f'exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}'
+    return r
+
+
+def snapshot(d):
+    """Every file under d, by relative path, with its bytes: 'nothing overwritten' is an equality."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob('*')) if p.is_file()}
+
+
+def contract(rc, err):
+    """Bad input's contract: exit 2, one `train.py: error:` line (indented lines after it: a command to
+    run), no traceback. Returns what is wrong, or ''."""
+    lines = err.splitlines()
+    if rc != 2:
+        return f'exit {rc}'
+    if not lines or not lines[0].startswith('train.py: error: ') or 'Traceback' in err:
+        return 'not one error line'
+    if any(not l.startswith('    ') for l in lines[1:]):
+        return 'more than one message'
+    return ''
+
+
+@pytest.fixture(scope='module')
+def finished(shakespeare_char_dir, tmp_path_factory):
+    """A finished run (keep_last=2: ckpt.pt, ckpt-2.pt, ckpt-4.pt, log.jsonl, config.json, the heatmap)."""
+    out = tmp_path_factory.mktemp('finished') / 'out'
+    ok(train([*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}', '--keep_last=3',
+              '--always_save_checkpoint=True']))
+    assert {'ckpt.pt', 'ckpt-2.pt', 'ckpt-4.pt', 'log.jsonl', 'config.json'} <= set(os.listdir(out))
+    return out
+
+
+def worker(tmp_path, spec, timeout=600):
+    (tmp_path / 'worker.py').write_text(WORKER)
+    (tmp_path / 'spec.json').write_text(json.dumps(spec))
+    r = subprocess.run([sys.executable, str(tmp_path / 'worker.py'), str(REPO), str(tmp_path / 'spec.json'),
+                        str(tmp_path / 'result.json')], cwd=spec.get('cwd', tmp_path), capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp_path / 'result.json').read_text())
+
+
+def hostile_pairs(keys, conf_dir):
+    """(key, argument) for every key of train.py: the command-line values, the bare --key, and the
+    config-file values (a file per pair, in conf_dir) of HOSTILE_EXPRS plus ones from the key's default
+    (its negative and x1e30 for a number, an unknown name in its form for a string, a list of strings)."""
+    pairs = []
+    for k, info in keys.items():
+        pairs += [(k, f'--{k}={v}') for v in HOSTILE_ARGS] + [(k, f'--{k}')]
+        exprs = list(HOSTILE_EXPRS)
+        d = eval(info['default'])  # a repr of a plain value (train.py's defaults)
+        if type(d) in (int, float):
+            exprs += [repr(-d - 1), repr(d * 10 ** 30)]
+        if type(d) is str:
+            exprs += [repr(d.upper() + '_X'), repr(d + '/x/../..')]
+        if 'list' in info['types'] or 'tuple' in info['types']:
+            exprs += ["[2 ** 64]", "[float('nan')]", "['3']"]
+        for i, e in enumerate(exprs):
+            f = conf_dir / f'{k}-{i}.py'
+            f.write_text(f'{k} = {e}\n')
+            pairs.append((k, str(f)))
+    return pairs
+
+
+def test_every_key_hostile_values_fail_clearly_or_run_sanely(finished, shakespeare_char_dir, tmp_path):
+    """Property: for every config key of train.py and every hostile value, from scratch and resuming the
+    finished run in out_dir: a sane dry run (exit 0) or the contract, and out_dir and the working folder
+    unchanged byte for byte."""
+    (tmp_path / 'k').mkdir()
+    keys = worker(tmp_path / 'k', {'what': 'keys'})
+    assert {'seed', 'learning_rate', 'capacity_factor', 'router', 'n_layer', 'out_dir'} <= set(keys)
+    conf = tmp_path / 'conf'
+    conf.mkdir()
+    pairs = hostile_pairs(keys, conf)
+    out, cwd = tmp_path / 'out', tmp_path / 'cwd'
+    shutil.copytree(finished, out)
+    cwd.mkdir()  # relative out_dirs ('no_such_name', ...) land here: it must stay empty
+    base = [*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}']
+    runs = [[*base, *start, a, '--dry_run'] for start in ([], ['--init_from=resume']) for _, a in pairs]
+    before = snapshot(out)
+    results = worker(tmp_path, {'what': 'runs', 'runs': runs, 'watch': [str(out), str(cwd)], 'cwd': str(cwd)})
+    print(f'train.py: {len(pairs)} (key, value) pairs x 2 starts (scratch, resume) = {len(runs)} dry runs; '
+          f"{sum(r['rc'] == 2 for r in results)} refused, {sum(r['rc'] == 0 for r in results)} ran")
+    bad = []
+    for r in results:
+        what = '' if r['rc'] == 0 and 'dry run: every check passed' in r['out'] else contract(r['rc'], r['err'])
+        what += f" wrote {r['changed']}" if r['changed'] else ''
+        if what:
+            bad.append(f"{what}: {r['argv'][-2]} ({r['argv'][-3] if 'resume' in r['argv'][-3] else 'scratch'})\n"
+                       f"{(r['err'] or r['out'])[-1500:]}")
+    assert not bad, f'{len(bad)} of {len(runs)} runs broke the contract:\n' + '\n'.join(bad[:15])
+    assert snapshot(out) == before and not os.listdir(cwd)
+    assert len(pairs) >= 25 * len(keys)  # every key got every value
