@@ -7,7 +7,7 @@ The pairs come from train.py itself (its --help globals: every key, its default 
 not from a hand list. They run as --dry_run (every check runs before a dry run stops) in one subprocess
 that executes train.py once per pair (one torch import for all: a subprocess per pair is ~2 s each).
 """
-import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -191,3 +191,94 @@ def test_every_key_hostile_values_fail_clearly_or_run_sanely(finished, shakespea
     assert not bad, f'{len(bad)} of {len(runs)} runs broke the contract:\n' + '\n'.join(bad[:15])
     assert snapshot(out) == before and not os.listdir(cwd)
     assert len(pairs) >= 25 * len(keys)  # every key got every value
+
+
+# ----------------------------------------------------------------------------- one regression test per class
+def used_out_dir(finished, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    return out
+
+
+@pytest.mark.parametrize('start', [[], ['--init_from=resume']], ids=['scratch', 'resume'])
+@pytest.mark.parametrize('arg,msg', [
+    ('--seed=-1', 'seed=-1 must be in [0, 2**31)'),
+    (f'--seed={2 ** 32}', f'seed={2 ** 32} must be in [0, 2**31)'),
+    ('--capacity_factor=1e400', 'capacity_factor=inf must be a finite number'),
+], ids=['seed -1', 'seed 2**32', 'capacity_factor 1e400'])
+def test_values_that_crashed_after_config_json_are_refused_first(finished, shakespeare_char_dir, tmp_path, start,
+                                                                  arg, msg):
+    """Class 1: these passed the checks, then numpy (seed) or apply_capacity (inf) raised after config.json
+    was written; resuming a finished run, its config.json was overwritten. Now: refused before any write."""
+    out = used_out_dir(finished, tmp_path)
+    before = snapshot(tmp_path)
+    r = train([*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}', *start, '--max_iters=6', arg])
+    assert contract(r.returncode, r.stderr) == '' and msg in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_non_finite_hyperparameters_are_refused(finished, shakespeare_char_dir, tmp_path):
+    """Class 2: --learning_rate=1e400 trained (every step skipped, val CE nan, exit 0). Every float key
+    must be finite: from the command line (1e400 is inf) and from a config file (a real nan)."""
+    out = used_out_dir(finished, tmp_path)
+    (tmp_path / 'nan.py').write_text("weight_decay = float('nan')\n")
+    before = snapshot(tmp_path)
+    base = [*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}']
+    r = train([*base, '--learning_rate=1e400'])
+    assert r.stderr == 'train.py: error: learning_rate=inf must be a finite number\n' and r.returncode == 2
+    r = train([*base, tmp_path / 'nan.py'])
+    assert r.stderr == 'train.py: error: weight_decay=nan must be a finite number\n' and r.returncode == 2
+    assert snapshot(tmp_path) == before
+
+
+def test_fresh_run_moves_the_whole_earlier_run_aside(finished, shakespeare_char_dir, tmp_path):
+    """Class 3: a fresh run (another seed, keep_last=2) in an out_dir holding a finished run left that
+    run's ckpt-<iter>.pt beside its own ckpt.pt (copying one over ckpt.pt, as the docs say to go back,
+    restored the other run). Now the earlier run moves whole into out_dir/prev-run-1 (byte for byte, and
+    said), the out_dir holds the new run alone, and a dry run only says it would move it."""
+    out = used_out_dir(finished, tmp_path)
+    old = snapshot(out)
+    base = [*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}', '--seed=7', '--keep_last=2',
+            '--always_save_checkpoint=True', '--max_iters=6']
+    r = ok(train([*base, '--dry_run']))
+    assert f'would move the earlier run in {out}' in r.stdout and snapshot(out) == old
+    r = ok(train(base))
+    assert f"to {out / 'prev-run-1'}" in r.stdout
+    assert snapshot(out / 'prev-run-1') == old  # the whole earlier run, nothing left behind or changed
+    top = sorted(f for f in os.listdir(out) if f.endswith('.pt'))
+    assert top == ['ckpt-4.pt', 'ckpt-6.pt', 'ckpt.pt']
+    assert all(checkpoint.load(out / f)['config']['seed'] == 7 for f in top)  # every checkpoint here is this run's
+    assert [json.loads(l)['iter'] for l in (out / 'log.jsonl').read_text().splitlines()][0] == 0
+    ok(train(base))  # and again: the second run moves to prev-run-2, prev-run-1 untouched
+    assert snapshot(out / 'prev-run-1') == old and (out / 'prev-run-2' / 'ckpt-6.pt').is_file()
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['--router=soft', '--capacity_factor=0.5'], "capacity_factor=0.5 (or eval_) means nothing: router='soft'"),
+    (['--router=soft', '--eval_capacity_factor=1.0'], "router='soft' declares no capacity"),
+    (['--moe_first_dense=2'], 'moe_first_dense=2 must be < n_layer=2, else no block is MoE'),
+    (['--moe_first_dense=5'], 'moe_first_dense=5 must be < n_layer=2'),
+], ids=['soft + capacity', 'soft + eval capacity', 'first_dense = n_layer', 'first_dense > n_layer'])
+def test_combinations_that_mean_nothing_are_refused(finished, shakespeare_char_dir, tmp_path, args, msg):
+    """Class 4: soft MoE with a capacity (it has none) and an MoE model with no MoE block trained silently."""
+    out = used_out_dir(finished, tmp_path)
+    before = snapshot(tmp_path)
+    r = train([*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}', *args])
+    assert contract(r.returncode, r.stderr) == '' and msg in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_capacity_rule_follows_the_router_declaration(monkeypatch):
+    """The capacity rule reads RouterSpec, not router names: expert choice (no layer capacity, but it reads
+    capacity_factor as its tokens per expert) keeps it; any router declared without capacity refuses it;
+    one MoE block (moe_first_dense = n_layer - 1) or a dense model past n_layer is fine."""
+    from model import ROUTERS, MoEGPTConfig
+    base = dict(n_layer=2, n_head=2, n_embd=32, n_experts=4, top_k=2)
+    assert MoEGPTConfig(**base, router='expert_choice', capacity_factor=2.0).capacity_factor == 2.0
+    monkeypatch.setitem(ROUTERS, 'plain', ROUTERS['softmax'])
+    monkeypatch.setitem(ROUTERS, 'nocap', dataclasses.replace(ROUTERS['softmax'], capacity=False))
+    assert MoEGPTConfig(**base, router='plain', capacity_factor=1.25).has_capacity
+    with pytest.raises(ValueError, match="router='nocap' declares no capacity"):
+        MoEGPTConfig(**base, router='nocap', capacity_factor=1.25)
+    assert sum(MoEGPTConfig(**base, moe_first_dense=1).is_moe_layer(i) for i in range(2)) == 1
+    assert MoEGPTConfig(**{**base, 'n_experts': 1}, moe_first_dense=5).n_experts == 1
