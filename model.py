@@ -129,7 +129,7 @@ class MoEGPTConfig:
              f"='pooled' needs a router with a balance loss, not {self.router!r}"),
             ('shared_expert_gate', not self.shared_expert_gate or self.n_shared_experts >= 1,
              'needs n_shared_experts >= 1 (it gates their output)'),
-            ('n_group', E % G == 0, f'must be >= 1 and divide n_experts={E}'),
+            ('n_group', self.n_group >= 1 and E % G == 0, f'must be >= 1 and divide n_experts={E}'),
             ('n_group', self.n_group == 1 or (spec and spec.groups), f'> 1 needs a top-k router, not {self.router!r}'),
             ('topk_group', 1 <= self.topk_group <= G, f'must be in [1, n_group={self.n_group}]'),
             ('top_k', G == 1 or self.top_k <= self.topk_group * (E // G), 'must be <= topk_group * n_experts // n_group'),
@@ -588,7 +588,7 @@ class MoELayer(nn.Module):
             bucket_N = token_N // S * E + r.expert_N
             counts_K = torch.zeros(B * E, dtype=torch.long, device=token_N.device).index_add_(
                 0, bucket_N, torch.ones_like(bucket_N))
-        capacity = math.ceil(capacity_factor * N / counts_K.numel())
+        capacity = min(math.ceil(capacity_factor * N / counts_K.numel()), N)  # past N rows: none dropped
         bucket_P = bucket_N.index_select(0, order_P)
         kept_P = self.rank_in_bucket(bucket_P, counts_K) < capacity
         kept_N = torch.empty_like(kept_P).scatter_(0, order_P, kept_P)
