@@ -135,7 +135,8 @@ def worker(tmp_path, spec, timeout=600):
     (tmp_path / 'spec.json').write_text(json.dumps(spec))
     r = subprocess.run([sys.executable, str(tmp_path / 'worker.py'), str(REPO), str(tmp_path / 'spec.json'),
                         str(tmp_path / 'result.json')], cwd=spec.get('cwd', tmp_path), capture_output=True,
-                       text=True, timeout=timeout, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                       text=True, timeout=timeout, env={**os.environ, 'OMP_NUM_THREADS': '1',
+                                                        'WANDB_MODE': 'disabled'})  # wandb_log=True: no network
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((tmp_path / 'result.json').read_text())
 
@@ -191,6 +192,17 @@ def test_every_key_hostile_values_fail_clearly_or_run_sanely(finished, shakespea
     assert not bad, f'{len(bad)} of {len(runs)} runs broke the contract:\n' + '\n'.join(bad[:15])
     assert snapshot(out) == before and not os.listdir(cwd)
     assert len(pairs) >= 25 * len(keys)  # every key got every value
+    # a dry run that passed proves only the checks: what passed must also train (class 1 was values that
+    # passed them and crashed later), from scratch, 1 iter (a step, 2 evals), into a fresh out_dir each: exit 0, or 3 (training
+    # went wrong, e.g. a learning rate of 1e27: docs/reliability.md), never a traceback
+    passed = [r['argv'][len(base):-1] for r in results if r['rc'] == 0 and '--init_from=resume' not in r['argv']]
+    real = [[*base[:-1], f'--out_dir={tmp_path}/real/{i}', '--max_iters=1', '--eval_iters=1', *a]
+            for i, a in enumerate(passed)]
+    results = worker(tmp_path, {'what': 'runs', 'runs': real, 'watch': [], 'cwd': str(cwd)})
+    print(f'{len(real)} of them trained for real')
+    crashed = [f"exit {r['rc']}: {r['argv'][-1]}\n{r['err'][-1500:]}" for r in results
+               if r['rc'] not in (0, 3) or 'Traceback' in r['err']]
+    assert not crashed and len(real) > 50, '\n'.join(crashed[:10])
 
 
 # ----------------------------------------------------------------------------- one regression test per class
