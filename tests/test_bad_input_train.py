@@ -87,6 +87,7 @@ else:
         before = [tree_hash(d) for d in spec['watch']]
         rc, o, e, _ = run(argv)
         results.append(dict(argv=argv, rc=rc, out=o[-2000:], err=e[-4000:],
+                            config=hashlib.sha256(o.split('world size')[0].encode()).hexdigest(),
                             changed=[d for d, h in zip(spec['watch'], before) if tree_hash(d) != h]))
     json.dump(results, open(out_path, 'w'))
 '''
@@ -195,7 +196,8 @@ def test_every_key_hostile_values_fail_clearly_or_run_sanely(finished, shakespea
     # a dry run that passed proves only the checks: what passed must also train (class 1 was values that
     # passed them and crashed later), from scratch, 1 iter (a step, 2 evals), into a fresh out_dir each: exit 0, or 3 (training
     # went wrong, e.g. a learning rate of 1e27: docs/reliability.md), never a traceback
-    passed = [r['argv'][len(base):-1] for r in results if r['rc'] == 0 and '--init_from=resume' not in r['argv']]
+    passed = {r['config']: r['argv'][len(base):-1] for r in results  # one run per resolved config printed
+              if r['rc'] == 0 and '--init_from=resume' not in r['argv']}.values()
     real = [[*base[:-1], f'--out_dir={tmp_path}/real/{i}', '--max_iters=1', '--eval_iters=1', *a]
             for i, a in enumerate(passed)]
     results = worker(tmp_path, {'what': 'runs', 'runs': real, 'watch': [], 'cwd': str(cwd)})
