@@ -84,6 +84,33 @@ def keep_history(path, iter_num, keep_last):
         os.remove(os.path.join(d, f))
 
 
+# What a run leaves in its out_dir (train.py, metrics.py); a fresh run moves all of it aside, never a part
+RUN_FILES = re.compile(r'ckpt(-\d+)?\.pt|config\.json|log\.jsonl(\.prev|\.tmp)?|expert_usage\.png')
+
+
+def previous_run(out_dir):
+    """The files of an earlier run in out_dir, sorted ([] if none or no such folder)."""
+    return sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f)) if os.path.isdir(out_dir) else []
+
+
+def move_previous_run(out_dir):
+    """A fresh run in an out_dir that holds an earlier one: move every file of that run (checkpoints,
+    ckpt-<iter>.pt included, log, config, heatmap) into out_dir/prev-run-<N>, the first N free, so
+    the two never mix (a ckpt-<iter>.pt of one run beside the ckpt.pt of another). Returns that folder,
+    or None when there was nothing to move."""
+    files = previous_run(out_dir)
+    if not files:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(out_dir, f'prev-run-{n}')):
+        n += 1
+    dest = os.path.join(out_dir, f'prev-run-{n}')
+    os.mkdir(dest)
+    for f in files:
+        os.replace(os.path.join(out_dir, f), os.path.join(dest, f))
+    return dest
+
+
 def remove_stale_temps(out_dir):
     """Delete the temp files of saves that were killed before their rename; returns their paths."""
     stale = sorted(glob.glob(os.path.join(out_dir, TEMP_GLOB)))

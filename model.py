@@ -114,36 +114,36 @@ class MoEGPTConfig:
             ('router', spec is not None, f'must be one of {tuple(ROUTERS)}'),
             *[('router', hasattr(self, f'{n}_loss_coef'), f"uses the loss term '{n}', which needs a config field "
                f'{n}_loss_coef (its weight)') for n in LOSSES if spec and n not in spec.skip_losses],
-            ('n_embd', self.n_embd >= 1 and (self.head_dim is not None or self.n_embd % self.n_head == 0),
+            ('n_embd', self.n_embd >= 1 and (self.head_dim is not None or self.n_embd % max(self.n_head, 1) == 0),
              f'must be a positive multiple of n_head={self.n_head} (or set head_dim)'),
-            ('n_kv_head', self.n_kv_head is None or self.n_head % self.n_kv_head == 0,
+            ('n_kv_head', self.n_kv_head is None or self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
              f'must divide n_head={self.n_head} (a key/value head serves n_head // n_kv_head query heads)'),
             ('head_dim', self.position != 'rope' or hd % 2 == 0, 'must be even with position=rope'),
-            ('granularity', (4 * self.n_embd) % self.granularity == 0, f'must divide 4*n_embd={4 * self.n_embd}'),
+            ('granularity', (4 * self.n_embd) % max(self.granularity, 1) == 0, f'must divide 4*n_embd={4 * self.n_embd}'),
             ('top_k', 1 <= self.top_k <= E or E == 1, f'must be in [1, n_experts={E}]'),
+            ('moe_first_dense', E == 1 or self.moe_first_dense < self.n_layer,  # n_experts > 1 asks for an MoE
+             f'must be < n_layer={self.n_layer}, else no block is MoE (a dense model: n_experts=1)'),
+            ('capacity_factor', not (self.capacity_factor or self.eval_capacity_factor) or not spec or spec.capacity
+             or spec.reads_capacity_factor, f'(or eval_) means nothing: router={self.router!r} declares no capacity'),
             ('balance_scope', self.balance_scope != 'pooled' or 'aux' not in (spec and spec.skip_losses or ()),
              f"='pooled' needs a router with a balance loss, not {self.router!r}"),
             ('shared_expert_gate', not self.shared_expert_gate or self.n_shared_experts >= 1,
              'needs n_shared_experts >= 1 (it gates their output)'),
-            ('n_group', E % G == 0, f'must be >= 1 and divide n_experts={E}'),
+            ('n_group', self.n_group >= 1 and E % G == 0, f'must be >= 1 and divide n_experts={E}'),
             ('n_group', self.n_group == 1 or (spec and spec.groups), f'> 1 needs a top-k router, not {self.router!r}'),
             ('topk_group', 1 <= self.topk_group <= G, f'must be in [1, n_group={self.n_group}]'),
             ('top_k', G == 1 or self.top_k <= self.topk_group * (E // G), 'must be <= topk_group * n_experts // n_group'),
+            *[(k, self.expert_impl != 'grouped' or (getattr(self, k) or 4 * self.n_embd // max(self.granularity, 1)) % 8 == 0,
+               "must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row strides in bf16); "
+               "or use expert_impl='auto', which takes the loop when misaligned") for k in ('n_embd', 'expert_hidden')],
         ]
-        if self.expert_impl == 'grouped':  # bf16 grouped_mm: row strides must be multiples of 16 bytes
-            checks += [(k, (getattr(self, k) or 4 * self.n_embd // self.granularity) % 8 == 0,
-                        "must be a multiple of 8 with expert_impl='grouped' (grouped_mm's 16-byte row "
-                        "strides in bf16); or use expert_impl='auto', which takes the loop when misaligned")
-                       for k in ('n_embd', 'expert_hidden')]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f'MoEGPTConfig.{name}={getattr(self, name)!r} {why}')
         # None = follow the other fields; resolved here, so a checkpoint's model_args say what was built
         self.expert_hidden = self.expert_hidden or 4 * self.n_embd // self.granularity
-        self.n_kv_head = self.n_kv_head or self.n_head
-        self.head_dim = hd
-        self.qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
-        self.attn_out_bias = self.bias if self.attn_out_bias is None else self.attn_out_bias
+        self.n_kv_head, self.head_dim = self.n_kv_head or self.n_head, hd
+        self.qkv_bias, self.attn_out_bias = (self.bias if b is None else b for b in (self.qkv_bias, self.attn_out_bias))
         self.dense_hidden = self.dense_hidden or 4 * self.n_embd
         self.top_k = 1 if E == 1 else spec.top_k(self)  # soft: every expert
         self.norm_topk_prob = self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob
@@ -168,8 +168,7 @@ class MoEGPTConfig:
                                        or (self.has_capacity and self.capacity_scope == 'micro_batch'))
 
     def is_moe_layer(self, i):
-        return (self.n_experts > 1 and i >= self.moe_first_dense
-                and (i - self.moe_first_dense) % self.moe_every == 0)
+        return self.n_experts > 1 and i >= self.moe_first_dense and (i - self.moe_first_dense) % self.moe_every == 0
 
     @classmethod
     def field_names(cls):
@@ -230,6 +229,7 @@ class RouterSpec:
     causal: bool = True  # a token's rows depend on that token alone (tests/test_causality.py probes it)
     batch_dependent: bool = False  # its rows depend on the other tokens of the micro-batch
     capacity: bool = True  # the layer's Switch capacity (capacity_factor) applies to its rows
+    reads_capacity_factor: bool = False  # without capacity: the router reads capacity_factor itself
     groups: bool = False  # supports group-limited routing (n_group > 1)
     noise: bool = False  # has noise weights (Router.noise)
     expert_bias: bool = False  # has the aux-free bias buffer, moved by MoEGPT.update_expert_bias
@@ -335,7 +335,7 @@ def soft_mixture(router, x_TD):
 
 
 @register_router('expert_choice', causal=False, batch_dependent=True, capacity=False, skip_losses=('aux',),
-                 experts_per_token=lambda cfg: cfg.capacity_factor or cfg.top_k)
+                 reads_capacity_factor=True, experts_per_token=lambda cfg: cfg.capacity_factor or cfg.top_k)
 def expert_choice(router, x_TD):
     """Zhou et al. 2022: every expert takes its C highest-scoring tokens, C = ceil(cf * T / E),
     cf = capacity_factor (top_k when 0). It ranks tokens across the batch, later positions included,
@@ -588,7 +588,7 @@ class MoELayer(nn.Module):
             bucket_N = token_N // S * E + r.expert_N
             counts_K = torch.zeros(B * E, dtype=torch.long, device=token_N.device).index_add_(
                 0, bucket_N, torch.ones_like(bucket_N))
-        capacity = math.ceil(capacity_factor * N / counts_K.numel())
+        capacity = min(math.ceil(capacity_factor * N / counts_K.numel()), N)  # past N rows: none dropped
         bucket_P = bucket_N.index_select(0, order_P)
         kept_P = self.rank_in_bucket(bucket_P, counts_K) < capacity
         kept_N = torch.empty_like(kept_P).scatter_(0, order_P, kept_P)

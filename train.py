@@ -193,17 +193,21 @@ if master_process:
     if device_type == 'cpu' and not eval_only:  # `python train.py` on a laptop: say so before a day of training
         _hint = train_config.cpu_hint(gptconf, tokens_per_iter, max_iters, torch.get_num_threads())
         print(_hint) if _hint else None
+_fresh = init_from != 'resume' and checkpoint.previous_run(out_dir)  # an earlier run's files (moved aside below)
 if dry_run:  # before the model, the process group and out_dir
     if master_process:
         _not_here = (f'; {device} is not available here: checked as ' + ('a CUDA GPU with native bf16' if
                      device_type == 'cuda' else 'MPS') + ', which nothing touched')
         print(f"dry run: every check passed ({data_path}: {n_tokens['train']:,} train, {n_tokens['val']:,} val "
               f"tokens{'' if device_here else _not_here}); nothing was built, written or started")
+        print(f'a real run would move the earlier run in {out_dir} to {out_dir}/prev-run-N') if _fresh else None
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
 ep_groups = parallel.setup(backend, device, expert_parallel) if ddp else None
 if master_process:
+    if _fresh:  # whole (checkpoints, log, config): two runs never mix, e.g. its ckpt-<iter>.pt beside our ckpt.pt
+        print(f'moved the earlier run in out_dir ({", ".join(_fresh)}) to {checkpoint.move_previous_run(out_dir)}')
     with open(os.path.join(out_dir, 'config.json'), 'w') as _f:
         json.dump(config, _f, indent=1)
     for _f in checkpoint.remove_stale_temps(out_dir):  # never read as checkpoints; just disk to free
@@ -319,12 +323,8 @@ def get_lr(it):
 
 if master_process:
     _log = os.path.join(out_dir, 'log.jsonl')
-    _history = []
-    if init_from == 'resume':  # log.jsonl keeps only the history up to the checkpoint (feeds the heatmap)
-        _history = trim_log(_log, iter_num, n_moe)
-    elif os.path.isfile(_log):  # a fresh run starts its own log: appended, two runs' curves would mix
-        os.replace(_log, _log + '.prev')
-        print(f"moved the previous run's {_log} to {_log}.prev")
+    # resume: log.jsonl keeps only the history up to the checkpoint (feeds the heatmap); a fresh run's is new
+    _history = trim_log(_log, iter_num, n_moe) if init_from == 'resume' else []
     if wandb_log:
         import wandb  # only imported when asked for
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)

@@ -5,6 +5,7 @@ Bad input is one clear line (`train.py: error: ...`), exit code 2, no traceback,
 every check runs before train.py builds, writes or starts anything.
 """
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -36,7 +37,17 @@ def check(ok, msg):
 
 
 def check_keys(c):
-    """Each key's own range or choices (c: the config dict). The model's fields are MoEGPTConfig's to check."""
+    """Each key's own range or choices (c: the config dict). The model's fields are MoEGPTConfig's to check,
+    but for the rules by type, here over every key: a value that passed them could still crash a consumer
+    after out_dir is written to (numpy's seed, a capacity of inf)."""
+    for k, v in c.items():  # no key gives inf or nan a meaning (1e400 reads as inf): every float is finite
+        check(type(v) is not float or math.isfinite(v), f'{k}={v} must be a finite number')
+        check(type(v) is not int or abs(v) < 2 ** 63, f'{k}={v} is out of range (a 64-bit integer)')  # torch's ints
+    check(0 <= c['seed'] < 2 ** 31, f"seed={c['seed']} must be in [0, 2**31) (numpy takes 32-bit seeds, "
+                                    f"and each process adds its rank)")
+    check(c['out_dir'] != '', "out_dir='' must name a folder (e.g. --out_dir=out)")
+    check(not c['wandb_log'] or importlib.util.find_spec('wandb'),
+          'wandb_log=True needs wandb: pip install wandb (or leave wandb_log=False)')
     check(c['init_from'] in ('scratch', 'resume') or c['init_from'].startswith(('gpt2', 'hf:')),
           f"init_from={c['init_from']!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...), "
           f"'gpt2:PATH' or 'hf:NAME_OR_PATH'")

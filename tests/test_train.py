@@ -115,17 +115,17 @@ def test_30_iters_learns_and_writes_everything(run30):
 
 def test_fresh_run_in_used_out_dir_starts_its_own_log(char_data, tmp_path):
     """A second run from scratch in an out_dir that holds a run: log.jsonl is that second run alone
-    (appended, the two runs' curves mixed: compare.py read them as one), the first run's log is kept
-    as log.jsonl.prev, byte for byte."""
+    (appended, the two runs' curves mixed: compare.py read them as one); the first run moved whole to
+    prev-run-1, its log byte for byte (tests/test_bad_input_train.py: the checkpoints too)."""
     out = tmp_path / 'out'
     args = [*TINY, *MOE, f'--data_dir={char_data}', f'--out_dir={out}', '--eval_interval=4', '--log_interval=2']
     ok(train([*args, '--max_iters=4']))
     first = (out / 'log.jsonl').read_bytes()
     r = ok(train([*args, '--max_iters=6', '--seed=7']))
-    assert (out / 'log.jsonl.prev').read_bytes() == first
+    assert (out / 'prev-run-1' / 'log.jsonl').read_bytes() == first
     assert [e['iter'] for e in records(out, 'eval')] == [0, 4, 6]
     assert [t['iter'] for t in records(out, 'train')] == [0, 2, 4]
-    assert 'log.jsonl.prev' in r.stdout
+    assert 'prev-run-1' in r.stdout
 
 
 def test_resume_continues_at_right_iter_and_matches(char_data, tmp_path):
