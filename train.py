@@ -192,7 +192,7 @@ if master_process:
           f'tokens per iteration {tokens_per_iter:,}')
     if device_type == 'cpu' and not eval_only:  # `python train.py` on a laptop: say so before a day of training
         _hint = train_config.cpu_hint(gptconf, tokens_per_iter, max_iters, torch.get_num_threads())
-        print(_hint) if _hint else None
+        if _hint: print(_hint)
 _fresh = init_from != 'resume' and checkpoint.previous_run(out_dir)  # an earlier run's files (moved aside below)
 if dry_run:  # before the model, the process group and out_dir
     if master_process:
@@ -200,7 +200,7 @@ if dry_run:  # before the model, the process group and out_dir
                      device_type == 'cuda' else 'MPS') + ', which nothing touched')
         print(f"dry run: every check passed ({data_path}: {n_tokens['train']:,} train, {n_tokens['val']:,} val "
               f"tokens{'' if device_here else _not_here}); nothing was built, written or started")
-        print(f'a real run would move the earlier run in {out_dir} to {out_dir}/prev-run-N') if _fresh else None
+        if _fresh: print(f'a real run would move the earlier run in {out_dir} to {out_dir}/prev-run-N')
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
@@ -276,11 +276,11 @@ optimizer = optim.configure_optimizers(model, weight_decay, learning_rate, (beta
 if ckpt is not None:
     checkpoint.restore_run(ckpt, model, optimizer, scaler, data_gen, sharded,
                            reseed=None if master_process else seed + rank + world_size * iter_num)
-    print(f'resumed from {ckpt_path} at iter {iter_num} (best val CE {best_val_loss:.4f})') if master_process else None
+    if master_process: print(f'resumed from {ckpt_path} at iter {iter_num} (best val CE {best_val_loss:.4f})')
 ckpt = None  # free memory
 raw_model = model  # the plain module: state_dict, MFU, eval
 if compile:
-    print('compiling the model... (takes a ~minute)') if master_process else None
+    if master_process: print('compiling the model... (takes a ~minute)')
     model = torch.compile(model, mode=compile_mode)
 mark_step = train_config.cudagraph_step_marker(compile, compile_mode)  # before each forward (CUDA graphs)
 eval_model = model  # compiled if compile, never DDP-wrapped (eval needs no gradient sync)
@@ -385,7 +385,7 @@ while True:
         break
 
     # one optimizer step: gradient_accumulation_steps micro-steps over all processes, no host read (sync_debug)
-    sync_debug_mode(device_type, True) if sync_debug and iter_num >= start_iter + 2 else None
+    if sync_debug and iter_num >= start_iter + 2: sync_debug_mode(device_type, True)
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     step_loss = torch.zeros((), device=device)  # this process's loss, for the finiteness check
     for micro_step in range(ga_local):
@@ -419,7 +419,7 @@ while True:
         raw_model.update_expert_bias(step_counts * (1 - guard.skipped))
     iters_since_log += 1
     stop = guard.stop_requested()  # preempted (under DDP: on any rank, agreed without a GPU read)
-    sync_debug_mode(device_type, False) if sync_debug else None
+    if sync_debug: sync_debug_mode(device_type, False)
 
     # log: stats over the whole interval, all micro-steps, all processes
     if iter_num % log_interval == 0:
