@@ -167,9 +167,48 @@ def model_config(c, meta_vocab_size):
     check(c['vocab_size'] >= meta_vocab_size,
           f"vocab_size={c['vocab_size']} is smaller than the dataset's ({meta_vocab_size})")
     try:
-        return MoEGPTConfig(**{k: c[k] for k in MoEGPTConfig.field_names()})
+        gptconf = MoEGPTConfig(**{k: c[k] for k in MoEGPTConfig.field_names()})
     except (ValueError, TypeError) as e:
         die(e)
+    check_fits(gptconf, c['device'], int(os.environ.get('WORLD_SIZE', 1)))
+    return gptconf
+
+
+STATE_BYTES_PER_PARAM = 12  # at least: fp32 weights, their gradients, one optimizer moment (AdamW keeps two)
+
+
+def count_params(gptconf):
+    """The model's parameter count, from one block of each kind built on the meta device (nothing is
+    allocated, and n_layer=10**9 costs no more than 1)."""
+    import torch
+    from model import Block
+    E, L, first, every = gptconf.n_experts, gptconf.n_layer, gptconf.moe_first_dense, gptconf.moe_every
+    n_moe = 0 if E == 1 or L <= first else -(-(L - first) // every)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    with torch.device('meta'):
+        one = MoEGPT(dataclasses.replace(gptconf, n_layer=1, moe_first_dense=0, moe_every=1))
+        outside_blocks = count(one) - count(one.transformer.h[0])
+        moe = count(Block(gptconf, True)) if n_moe else 0
+        dense = count(Block(gptconf, False)) if L > n_moe else 0
+    return outside_blocks + n_moe * moe + (L - n_moe) * dense
+
+
+def check_fits(gptconf, device, world_size):
+    """Sizes that are valid integers but absurd (n_layer=10**9): refused before anything is built, when
+    even the training state split evenly over every process is more than this device's memory."""
+    import torch
+    if device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            return  # a dry run on a machine without the GPU: nothing to measure against
+        memory, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, 'GPU memory'
+    else:  # the CPU, and MPS (unified memory)
+        memory, where = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'RAM'
+    n = count_params(gptconf)
+    need = STATE_BYTES_PER_PARAM * n / world_size
+    check(need <= memory, f'the model has {n:,} parameters: training them needs at least {need / 2**30:,.0f} GiB per '
+                          f'process ({STATE_BYTES_PER_PARAM} bytes each over {world_size} process'
+                          f'{"es" * (world_size > 1)}), more than the {memory / 2**30:,.0f} GiB of {where} here; '
+                          f'make n_layer, n_embd, n_experts or vocab_size smaller')
 
 
 def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset):
