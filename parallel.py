@@ -38,6 +38,7 @@ parameters, over all ranks; EP shards the experts), and their gradients are redu
 reduce_expert_gradients as without FSDP. clip_grad_norm_ here computes the global norm over
 replicated, FSDP-sharded (DTensor) and EP-sharded gradients alike.
 """
+import os
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
@@ -475,12 +476,26 @@ def apply_fsdp(model, mesh=None, reshard_after_forward=True, mp_policy=None):
 
 # ----------------------------------------------------------------------------- train.py's wiring
 
+def restart_safe_store():
+    """init_process_group's store under an elastic restart (`torchrun --max-restarts=N`): torchrun's workers
+    share its rendezvous TCPStore (TORCHELASTIC_USE_AGENT_STORE), which outlives a restart with the previous
+    attempt's keys in it, so a relaunched rank can read a dead rank's address as its peer's and fail to
+    connect (pytorch#135712; seen with gloo in torch 2.13). Each attempt gets keys of its own (a prefix).
+    Returns init_process_group's keyword arguments: {} outside torchrun or on its first attempt."""
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True' or attempt == '0':
+        return {}
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False)
+    return dict(store=dist.PrefixStore(f'moegpt_attempt_{attempt}', store), rank=int(os.environ['RANK']),
+                world_size=int(os.environ['WORLD_SIZE']))
+
+
 def setup(backend, device, expert_parallel):
     """A torchrun process joins the process group (and the EP groups when expert_parallel > 1).
     Returns the EPGroups, or None."""
     if str(device).startswith('cuda'):
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, **restart_safe_store())
     return init_expert_parallel(expert_parallel) if expert_parallel > 1 else None
 
 
