@@ -45,6 +45,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.constants import default_pg_timeout
 
 from model import GroupedExperts
 
@@ -477,16 +478,20 @@ def apply_fsdp(model, mesh=None, reshard_after_forward=True, mp_policy=None):
 # ----------------------------------------------------------------------------- train.py's wiring
 
 def restart_safe_store():
-    """init_process_group's store under an elastic restart (`torchrun --max-restarts=N`): torchrun's workers
+    """init_process_group's store, safe under an elastic restart (`torchrun --max-restarts=N`). torchrun's workers
     share its rendezvous TCPStore (TORCHELASTIC_USE_AGENT_STORE), which outlives a restart with the previous
-    attempt's keys in it, so a relaunched rank can read a dead rank's address as its peer's and fail to
-    connect (pytorch#135712; seen with gloo in torch 2.13). Each attempt gets keys of its own (a prefix).
-    Returns init_process_group's keyword arguments: {} outside torchrun or on its first attempt."""
-    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
-    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True' or attempt == '0':
+    launch's keys in it, so a relaunched rank can read a dead rank's address as its peer's and fail to connect
+    (pytorch#135712; seen with gloo in torch 2.13). Each launch gets keys of its own: every rank counts its
+    own launches in the store, and as torchrun relaunches every rank each time (a fixed number of nodes), the
+    counts agree (TORCHELASTIC_RESTART_COUNT need not: each node's agent keeps its own). Returns
+    init_process_group's keyword arguments; {} outside torchrun's shared store (env:// as usual)."""
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
         return {}
-    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False)
-    return dict(store=dist.PrefixStore(f'moegpt_attempt_{attempt}', store), rank=int(os.environ['RANK']),
+    rank = int(os.environ['RANK'])
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                          timeout=default_pg_timeout)  # env://'s timeout: a slow node may take minutes
+    launch = store.add(f'moegpt/launches/rank{rank}', 1)  # 1, 2, ...: the same on every rank of a (re)launch
+    return dict(store=dist.PrefixStore(f'moegpt/launch{launch}', store), rank=rank,
                 world_size=int(os.environ['WORLD_SIZE']))
 
 
