@@ -26,25 +26,28 @@ MAX_ITERS = 16
 # saves at 4, 8, 12, 16 (always_save_checkpoint): the save points an interrupted run falls back to
 COMMON = [*TINY, '--dropout=0.0', f'--max_iters={MAX_ITERS}', '--eval_interval=4', '--always_save_checkpoint=True']
 
-# train.py under a wrapper that (1) on the first attempt only (TORCHELASTIC_RESTART_COUNT=0) sends signal
-# `sig` to itself on rank `rank`, in the middle of the optimizer step of iter `at`, or with `in_save`, in the
-# checkpoint save of iter `at`, after its temp file is complete and before the rename; (2) records this
-# process's exit code in exit_dir/rank<R>-attempt<N> (a SIGKILLed process records nothing).
+# train.py under a wrapper that (1) sends signals to itself: each event (attempt, rank, iter, signal, in_save)
+# fires in launch `attempt` of torchrun (TORCHELASTIC_RESTART_COUNT) on rank `rank`, in the middle of the
+# optimizer step of iter `iter`, or with in_save, in the checkpoint save of iter `iter` after its temp file is
+# complete and before the rename; (2) records this process's exit code in exit_dir/rank<R>-attempt<N> (a
+# SIGKILLed process records nothing).
 WRAPPER = """
-import os, runpy, signal, sys, types
+import os, runpy, sys, types
 sys.path.insert(0, {repo!r})
 import checkpoint, guard
-RANK, ATTEMPT = os.environ['RANK'], os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
-armed = RANK == {rank!r} and ATTEMPT == '0'
+RANK, ATTEMPT = int(os.environ['RANK']), int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+mine = [(it, sig, in_save) for attempt, rank, it, sig, in_save in {events!r} if (attempt, rank) == (ATTEMPT, RANK)]
 step, save = guard.Guard.step, checkpoint.save
 def signalled_step(self, it, *a):
-    if armed and it == {at} and not {in_save}:
-        os.kill(os.getpid(), {sig})
+    for at, sig, in_save in mine:
+        if it == at and not in_save:
+            os.kill(os.getpid(), sig)
     return step(self, it, *a)
 def signalled_save(obj, path):
-    if armed and obj.get('iter_num') == {at} and {in_save}:  # the hook's sleep becomes the signal
-        os.environ['MOEGPT_TEST_SAVE_DELAY'] = '1'
-        checkpoint.time = types.SimpleNamespace(sleep=lambda s: os.kill(os.getpid(), {sig}))
+    for at, sig, in_save in mine:
+        if obj.get('iter_num') == at and in_save:  # the test hook's sleep before the rename becomes the signal
+            os.environ['MOEGPT_TEST_SAVE_DELAY'] = '1'
+            checkpoint.time = types.SimpleNamespace(sleep=lambda s: os.kill(os.getpid(), sig))
     return save(obj, path)
 guard.Guard.step, checkpoint.save = signalled_step, signalled_save
 sys.argv = ['train.py', *sys.argv[1:]]
@@ -61,12 +64,13 @@ finally:
 """
 
 
-def wrapper(tmp_path, rank, at, sig, in_save=False):
+def wrapper(tmp_path, *events):
+    """The wrapper script for these events [(attempt, rank, iter, signal, in_save)], and its exit_dir."""
     exit_dir = tmp_path / 'exits'
-    exit_dir.mkdir(exist_ok=True)
-    script = tmp_path / f'wrapper_{rank}_{at}_{int(sig)}.py'
-    script.write_text(WRAPPER.format(repo=str(REPO), rank=str(rank), at=at, sig=int(sig), in_save=in_save,
-                                     exit_dir=str(exit_dir)))
+    exit_dir.mkdir()
+    script = tmp_path / 'signalling_train.py'
+    script.write_text(WRAPPER.format(repo=str(REPO), exit_dir=str(exit_dir),
+                                     events=[(a, r, it, int(sig), in_save) for a, r, it, sig, in_save in events]))
     return script, exit_dir
 
 
@@ -161,17 +165,10 @@ def test_elastic_restart_after_kill_9_finishes_like_an_uninterrupted_run(ddp_ref
     not renamed): ckpt.pt is still iter 8's; the relaunch removes the stale temp and resumes from iter 8
     again. Attempt 2 finishes: final weights and the loss of every iter equal the uninterrupted run's,
     bitwise."""
-    s1, exit_dir = wrapper(tmp_path, rank=1, at=10, sig=signal.SIGKILL)
+    script, exit_dir = wrapper(tmp_path, (0, 1, 10, signal.SIGKILL, False), (1, 0, 12, signal.SIGKILL, True))
     out = tmp_path / 'out'
     args = [*COMMON, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}', '--init_from=auto']
-    # attempt 0's wrapper kills rank 1 at iter 10; attempts 1 and 2 run a second wrapper, armed on attempt 1
-    s2, _ = wrapper(tmp_path, rank=0, at=12, sig=signal.SIGKILL, in_save=True)
-    s2.write_text(s2.read_text().replace("ATTEMPT == '0'", "ATTEMPT == '1'"))
-    both = tmp_path / 'both.py'  # one script for torchrun to relaunch: attempt 0 runs s1, later ones s2
-    both.write_text("import os, runpy, sys\n"
-                    f"runpy.run_path({str(s1)!r} if os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' else {str(s2)!r},"
-                    " run_name='__main__')\n")
-    r = ok(torchrun(both, args, launch=('--standalone', '--max-restarts=2')))
+    r = ok(torchrun(script, args, launch=('--standalone', '--max-restarts=2')))
     out_text = r.stdout + r.stderr
     assert f"init_from='auto': no checkpoint in {out}, starting from scratch" in r.stdout
     assert r.stdout.count(f'resumed from {out / "ckpt.pt"} at iter 8') == 2, out_text[-4000:]
@@ -197,7 +194,7 @@ def test_ddp_sigterm_to_rank_1_saves_once_and_the_printed_command_resumes_bitwis
     later), exactly one checkpoint (iter 7, not evaluated), exit 0 on every rank; the printed resume
     command, launched with torchrun as the run was, finishes with the uninterrupted run's losses at every
     iter and its final weights, bitwise, and runs every eval once (8's included)."""
-    script, exit_dir = wrapper(tmp_path, rank=1, at=5, sig=signal.SIGTERM)
+    script, exit_dir = wrapper(tmp_path, (0, 1, 5, signal.SIGTERM, False))
     out = tmp_path / 'out'
     r = ok(torchrun(script, [*COMMON, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}']))
     assert exits(exit_dir) == {'rank0-attempt0': 0, 'rank1-attempt0': 0}
