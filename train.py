@@ -57,9 +57,9 @@ eval_iters = 200  # batches per split (per process) for each eval
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val CE improves
 keep_last = 1  # checkpoints kept: ckpt.pt, plus (if > 1) ckpt-<iter>.pt for the keep_last newest saves
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub) or
-# 'gpt2:PATH' (a save_pretrained dir), or 'hf:NAME_OR_PATH': Mixtral, OLMoE, Qwen2/3-MoE, Llama, Qwen2/3 (hf.py);
-# a dense checkpoint with n_experts > 1 is sparsely upcycled
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if out_dir holds a checkpoint, else
+# scratch), GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub) or 'gpt2:PATH' (a save_pretrained dir), or 'hf:NAME_OR_PATH':
+# Mixtral, OLMoE, Qwen2/3-MoE, Llama, Qwen2/3 (hf.py); a dense checkpoint with n_experts > 1 is sparsely upcycled
 upcycle_noise = 0.0  # upcycling: Gaussian noise (x weight std) on each expert's copy
 # wandb logging
 wandb_log = False
@@ -175,11 +175,11 @@ gptconf = train_config.model_config({k: globals()[k] for k in config_keys}, meta
 model_args = dataclasses.asdict(gptconf)
 globals().update(model_args)  # resolved values (expert_hidden=None -> 4*n_embd, ...) go into the config
 ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
+init_from = train_config.resolve_init_from(init_from, out_dir)  # 'auto': resume if out_dir holds a checkpoint
 if init_from == 'resume':  # the checkpoint must load and match the model config and the data
     ckpt = train_config.load_resume(ckpt_path, model_args, TUNABLE, meta_vocab_size, dataset)
 train_config.check_out_dir(out_dir, dry_run, master_process)
-if wandb_run_name == '':
-    wandb_run_name = os.path.basename(os.path.abspath(out_dir))
+wandb_run_name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))  # '' = the name of out_dir
 config = {k: globals()[k] for k in config_keys}  # the resolved config: plain values only
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:

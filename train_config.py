@@ -48,9 +48,9 @@ def check_keys(c):
     check(c['out_dir'] != '', "out_dir='' must name a folder (e.g. --out_dir=out)")
     check(not c['wandb_log'] or importlib.util.find_spec('wandb'),
           'wandb_log=True needs wandb: pip install wandb (or leave wandb_log=False)')
-    check(c['init_from'] in ('scratch', 'resume') or c['init_from'].startswith(('gpt2', 'hf:')),
-          f"init_from={c['init_from']!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...), "
-          f"'gpt2:PATH' or 'hf:NAME_OR_PATH'")
+    check(c['init_from'] in ('scratch', 'resume', 'auto') or c['init_from'].startswith(('gpt2', 'hf:')),
+          f"init_from={c['init_from']!r} must be 'scratch', 'resume', 'auto', a GPT-2 name ('gpt2', 'gpt2-medium', "
+          f"...), 'gpt2:PATH' or 'hf:NAME_OR_PATH'")
     check(c['upcycle_noise'] >= 0, f"upcycle_noise={c['upcycle_noise']} must be >= 0")
     check(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'),
           f"dtype={c['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
@@ -209,6 +209,29 @@ def check_fits(gptconf, device, world_size):
                           f'process ({STATE_BYTES_PER_PARAM} bytes each over {world_size} process'
                           f'{"es" * (world_size > 1)}), more than the {memory / 2**30:,.0f} GiB of {where} here; '
                           f'make n_layer, n_embd, n_experts or vocab_size smaller')
+
+
+def latest_checkpoint(out_dir):
+    """The checkpoint a resume in out_dir reads, or None if out_dir holds none. The one place that says
+    what counts as a checkpoint (init_from='auto' asks it): today the file out_dir/ckpt.pt; another format
+    (a directory of shards) plugs in here. A ckpt.pt that exists but does not load still counts: resuming
+    it fails clearly (exit 2) rather than silently starting over."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    return path if os.path.exists(path) else None
+
+
+def resolve_init_from(init_from, out_dir):
+    """init_from='auto' (elastic restarts: `torchrun --max-restarts=N ... --init_from=auto` relaunches the same
+    command): 'resume' when out_dir holds a checkpoint, else 'scratch' (and a scratch start moves an earlier
+    run's files aside, as ever). Every rank decides for itself from the same files: out_dir must be on a
+    filesystem all ranks share, as it must for init_from='resume'. Any other value is returned as it is."""
+    if init_from != 'auto':
+        return init_from
+    found = latest_checkpoint(out_dir)
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"init_from='auto': resuming from {found}" if found else
+              f"init_from='auto': no checkpoint in {out_dir}, starting from scratch")
+    return 'resume' if found else 'scratch'
 
 
 def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset):
