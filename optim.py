@@ -1,11 +1,12 @@
 """
-The optimizer set-up: which parameters get which optimizer and which decay. One function, so a new
+The optimizer set-up: which parameters get which optimizer and which decay. One file, so a new
 optimizer (or a new parameter group) is an edit here, not in model.py or train.py.
 
 optimizer='adamw' (the default): torch's AdamW on everything. optimizer='muon': Muon (Keller Jordan;
 Moonshot's "Muon is Scalable") on the hidden matrices (attention, dense MLPs, shared experts) and on each
 routed expert's matrices, AdamW on the rest, in one torch Optimizer (MuonAdamW) so that GradScaler, the
-NaN guard, the checkpoint and expert parallelism see what they see with AdamW (docs/training.md, "Muon").
+NaN guard, the checkpoint and expert parallelism see what they see with AdamW (docs/training.md,
+"The optimizer: AdamW or Muon").
 """
 import inspect
 
@@ -75,9 +76,9 @@ def muon_adamw(model, weight_decay, learning_rate, betas, muon_lr, momentum):
         if p.requires_grad:
             groups['muon' if uses_muon(name, p) else 'decay' if decays(name, p) else 'no_decay'].append(p)
     ratio = muon_lr / learning_rate if learning_rate else 1.0  # (train_config: muon_lr > 0 needs learning_rate > 0)
-    return MuonAdamW([dict(params=groups['muon'], muon=True, lr_ratio=ratio),
-                      dict(params=groups['decay']), dict(params=groups['no_decay'], weight_decay=0.0)],
-                     lr=learning_rate, weight_decay=weight_decay, betas=betas, momentum=momentum)
+    settings = dict(muon=dict(muon=True, lr_ratio=ratio), decay={}, no_decay=dict(weight_decay=0.0))
+    param_groups = [dict(params=ps, **settings[k]) for k, ps in groups.items() if ps]  # none empty: EP's load
+    return MuonAdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=betas, momentum=momentum)
 
 
 def zeropower_via_newtonschulz_batched(G, ns_coefficients, ns_steps, eps):

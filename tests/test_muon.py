@@ -175,15 +175,18 @@ def test_default_adamw_is_the_adamw_of_before():
 
 # ----------------------------------------------------------------------------- the NaN guard
 
-def test_non_finite_step_changes_no_weight_and_no_momentum(tmp_path):
-    """train.py's step path (finish_gradients' clip, then Guard.step) with optimizer='muon': a NaN step leaves
-    every weight, Muon momentum buffer and AdamW moment as it was; the steps around it move them."""
+@pytest.mark.parametrize('float16_scaler', [False, True])
+def test_non_finite_step_changes_no_weight_and_no_momentum(tmp_path, float16_scaler):
+    """train.py's step path (unscale_, finish_gradients' clip, then Guard.step) with optimizer='muon': a NaN step
+    leaves every weight, Muon momentum buffer and AdamW moment as it was; the steps around it move them.
+    float16_scaler: train.py's float16 path, a GradScaler on (its scaling works on fp32 here): scale, unscale_,
+    scaler.step on MuonAdamW, and the overflow backs the scale off."""
     torch.manual_seed(0)
     model = MoEGPT(MoEGPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
                                 n_shared_experts=1, dropout=0.0))
     opt = optim.configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), 'cpu', optimizer='muon')
     assert not opt.defaults.get('fused')  # so finish_gradients clips the gradients itself (no fold)
-    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    scaler = torch.amp.GradScaler('cpu', enabled=float16_scaler, init_scale=2.0 ** 10)
     guard = Guard(max_bad_steps=3, device='cpu', ddp=False, master=True, ckpt_path=str(tmp_path / 'ckpt.pt'))
     g = torch.Generator().manual_seed(0)
 
@@ -196,10 +199,14 @@ def test_non_finite_step_changes_no_weight_and_no_momentum(tmp_path):
         before = snapshot()
         b = torch.randint(64, (4, 17), generator=g)
         loss = model(b[:, :-1].contiguous(), b[:, 1:].contiguous())[1] * (float('nan') if nan else 1.0)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         norm, clip = parallel.finish_gradients(model, 0.5, sharded=False, fold=opt.defaults.get('fused'))
         assert clip is None
         guard.step(it, loss.detach(), norm, clip, opt, scaler)
+        scale = scaler.get_scale()
+        scaler.update()
+        assert scaler.get_scale() == (scale / 2 if nan and float16_scaler else scale)
         opt.zero_grad(set_to_none=True)
         after = snapshot()
         if nan:
@@ -339,6 +346,16 @@ def test_fsdp_is_refused_naming_what_runs(char_data, tmp_path):
     assert r.returncode != 0 and "train.py: error: optimizer='muon' runs single-process, under DDP and with " \
                                  "expert_parallel, not with fsdp=True" in r.stderr, r.stderr
     assert 'exitcode  : 2' in r.stderr and not (tmp_path / 'out').exists()  # (torchrun's report of the ranks)
+
+
+def test_bfloat16_autocast_trains(char_data, tmp_path):
+    """bf16 autocast on the CPU, with gradient accumulation: Muon steps on fp32 weights from bf16-computed
+    gradients, and the loss goes down."""
+    out = tmp_path / 'out'
+    ok(train([*TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--dtype=bfloat16', '--max_iters=12',
+              '--eval_interval=12', '--lr_decay_iters=12', '--learning_rate=3e-3', '--gradient_accumulation_steps=2']))
+    ls = losses(out)
+    assert len(ls) == 12 and ls[-1] < ls[0] - 0.1, ls
 
 
 def test_dry_run(char_data, tmp_path):
