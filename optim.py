@@ -81,12 +81,12 @@ def muon_adamw(model, weight_decay, learning_rate, betas, muon_lr, momentum):
     return MuonAdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=betas, momentum=momentum)
 
 
-def zeropower_via_newtonschulz_batched(G, ns_coefficients, ns_steps, eps):
-    """torch's _zeropower_via_newtonschulz (the same bf16 quintic iteration, coefficients and steps) on
-    each matrix of a stack G (..., A, B) at once. What torch's lacks: it takes one 2-D matrix, and it
-    scales by the whole tensor's norm, where each expert's matrix needs its own."""
+def zeropower_via_newtonschulz_batched(G, ns_coefficients, ns_steps, eps, dtype=torch.bfloat16):
+    """torch's _zeropower_via_newtonschulz (the same quintic iteration, coefficients and steps, in bf16 by
+    default) on each matrix of a stack G (E, A, B) at once. What torch's lacks: it takes one 2-D matrix,
+    it scales by the whole tensor's norm where each expert's matrix needs its own, and it runs in bf16 only."""
     a, b, c = ns_coefficients
-    X = G.bfloat16()
+    X = G.to(dtype)
     if G.size(-2) > G.size(-1):
         X = X.mT
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # each matrix's spectral norm <= 1
@@ -102,15 +102,18 @@ class MuonAdamW(torch.optim.Optimizer):
     optimizer, one state_dict, one step. A Muon parameter of 2-D takes exactly torch.optim.Muon's step
     (torch's Newton-Schulz); a stacked (E, D, F) expert weight takes it for each of its E matrices, in one
     batched Newton-Schulz, with the lr adjustment of one (D, F) matrix (match_rms_adamw: 0.2 sqrt(max(D, F)),
-    the RMS of an AdamW update, so learning_rate keeps its meaning). Not for FSDP2's DTensors (a shard is
-    not a matrix): train_config refuses optimizer='muon' with fsdp=True."""
+    the RMS of an AdamW update, so learning_rate keeps its meaning). ns_dtype: the Newton-Schulz's dtype;
+    'auto' is torch's bf16 on a GPU and float32 elsewhere (a CPU without bf16 matmul units takes ~100x
+    longer in bf16: 0.2-0.9 s per 128 x 512 matrix here, more than the whole fp32 training step). Not for
+    FSDP2's DTensors (a shard is not a matrix): train_config refuses optimizer='muon' with fsdp=True."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
                  nesterov=True, ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), ns_steps=DEFAULT_NS_STEPS,
-                 ns_eps=EPS, adjust_lr_fn='match_rms_adamw'):
+                 ns_eps=EPS, ns_dtype='auto', adjust_lr_fn='match_rms_adamw'):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum,
                                       nesterov=nesterov, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
-                                      ns_eps=ns_eps, adjust_lr_fn=adjust_lr_fn, muon=False, lr_ratio=1.0))
+                                      ns_eps=ns_eps, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn, muon=False,
+                                      lr_ratio=1.0))
         for g in self.param_groups:
             for p in g['params']:
                 if g['muon'] and (p.dim() not in (2, 3) or type(p).__name__ == 'DTensor'):
@@ -137,8 +140,13 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state['momentum_buffer']
             buf.lerp_(grad, 1 - mu)
             update = grad.lerp(buf, mu) if g['nesterov'] else buf
-            args = (update, g['ns_coefficients'], g['ns_steps'], g['ns_eps'])
-            update = _zeropower_via_newtonschulz(*args) if p.dim() == 2 else zeropower_via_newtonschulz_batched(*args)
+            dtype = g['ns_dtype'] if g['ns_dtype'] != 'auto' else 'bfloat16' if p.is_cuda else 'float32'
+            args = (g['ns_coefficients'], g['ns_steps'], g['ns_eps'])
+            if p.dim() == 2 and dtype == 'bfloat16':  # torch's own
+                update = _zeropower_via_newtonschulz(update, *args)
+            else:  # a stack of experts, or a matrix as a stack of one
+                update = zeropower_via_newtonschulz_batched(update.view(-1, *p.shape[-2:]), *args,
+                                                            getattr(torch, dtype)).view(p.shape)
             p.mul_(1 - lr * g['weight_decay'])
             p.add_(update, alpha=-_adjust_lr(lr, g['adjust_lr_fn'], p.shape[-2:]))  # one matrix's shape
 

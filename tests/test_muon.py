@@ -32,7 +32,8 @@ def muon_adamw(params, **kw):
 @pytest.mark.parametrize('nesterov', [True, False])
 def test_expert_update_equals_torch_muon_on_each_expert_matrix(nesterov):
     """A stacked (E, D, F) expert weight after 4 steps == torch.optim.Muon on its E matrices as separate 2-D
-    parameters (float64 weights; Newton-Schulz in bf16 in both, as torch does): momentum, Nesterov, decoupled
+    parameters (float64 weights; Newton-Schulz in bf16 in both, torch's dtype, what ns_dtype='auto' takes on
+    a GPU): momentum, Nesterov, decoupled
     weight decay, the lr adjustment of one (D, F) matrix (match_rms_adamw), lr_ratio. Bitwise. A 2-D matrix in
     the same group takes torch's step too."""
     g = torch.Generator().manual_seed(0)
@@ -43,7 +44,7 @@ def test_expert_update_equals_torch_muon_on_each_expert_matrix(nesterov):
     ref = [w.detach()[e].clone().requires_grad_() for w in (w1_EDF, w2_EFD) for e in range(E)]
     ref.append(m_DD.detach().clone().requires_grad_())
     ours = optim.MuonAdamW([dict(params=[w1_EDF, w2_EFD, m_DD], muon=True, lr_ratio=2.0)], lr=0.01,
-                           weight_decay=0.1, momentum=0.9, nesterov=nesterov)
+                           weight_decay=0.1, momentum=0.9, nesterov=nesterov, ns_dtype='bfloat16')
     theirs = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov,
                               adjust_lr_fn='match_rms_adamw')
     start = [w.detach().clone() for w in (w1_EDF, w2_EFD)]
@@ -80,6 +81,42 @@ def test_orthogonalising_the_stack_as_one_matrix_would_differ():
     # and each expert's matrix is near-orthogonal: singular values in Newton-Schulz's ~[0.5, 1.5] band
     s = torch.linalg.svdvals(per_expert)
     assert (s > 0.4).all() and (s < 1.6).all(), s
+
+
+def test_float32_newton_schulz_per_matrix():
+    """ns_dtype='float32' (the CPU's 'auto'): each matrix of a stack as if alone, within fp32 rounding (batched
+    and single matmuls may sum in another order); the same iteration as torch's bf16 one, to bf16's precision;
+    and near-orthogonal (singular values in Newton-Schulz's ~[0.5, 1.5] band)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz as ns
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(4, 24, 40, generator=g)
+    G[1] *= 100
+    args = ((3.4445, -4.7750, 2.0315), 5, 1e-7)
+    stacked = optim.zeropower_via_newtonschulz_batched(G, *args, torch.float32)
+    assert stacked.dtype == torch.float32
+    for e in range(4):
+        alone = optim.zeropower_via_newtonschulz_batched(G[e:e + 1], *args, torch.float32)[0]
+        torch.testing.assert_close(stacked[e], alone, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stacked[e], ns(G[e], *args).float(), rtol=0, atol=0.03)  # bf16's ulp at ~1
+    s = torch.linalg.svdvals(stacked)
+    assert (s > 0.4).all() and (s < 1.6).all(), s
+
+
+def test_ns_dtype_auto_is_float32_on_the_cpu():
+    """'auto' on the CPU: a 2-D matrix and an expert stack both take the fp32 Newton-Schulz (not torch's bf16)."""
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(s, generator=g).requires_grad_() for s in ((24, 40), (3, 24, 40))]
+    opt = optim.MuonAdamW([dict(params=ws, muon=True)], lr=0.01, weight_decay=0.0, momentum=0.0, nesterov=False)
+    grads = [torch.randn(w.shape, generator=g) for w in ws]
+    start = [w.detach().clone() for w in ws]
+    for w, gr in zip(ws, grads):
+        w.grad = gr
+    opt.step()
+    adj = 0.01 * 0.2 * 40 ** 0.5  # match_rms_adamw for a (24, 40) matrix
+    args = ((3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+    torch.testing.assert_close(ws[0].detach(), start[0] - adj * optim.zeropower_via_newtonschulz_batched(
+        grads[0][None], *args)[0])
+    torch.testing.assert_close(ws[1].detach(), start[1] - adj * optim.zeropower_via_newtonschulz_batched(grads[1], *args))
 
 
 def test_adamw_groups_step_like_torch_adamw():
