@@ -80,7 +80,7 @@ dropout = 0.2
 bias = False
 n_experts = 8
 top_k = 2
-# AdamW
+optimizer, muon_lr, muon_momentum = 'adamw', 0.0, 0.95  # or 'muon' (docs/training.md); muon_lr 0 = learning_rate
 learning_rate = 1e-3
 max_iters = 5000
 weight_decay = 1e-1
@@ -177,7 +177,7 @@ globals().update(model_args)  # resolved values (expert_hidden=None -> 4*n_embd,
 ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
 init_from = train_config.resolve_init_from(init_from, out_dir)  # 'auto': resume if out_dir holds a checkpoint
 if init_from == 'resume':  # the checkpoint must load and match the model config and the data
-    ckpt = train_config.load_resume(ckpt_path, model_args, TUNABLE, meta_vocab_size, dataset)
+    ckpt = train_config.load_resume(ckpt_path, model_args, TUNABLE, meta_vocab_size, dataset, optimizer)
 train_config.check_out_dir(out_dir, dry_run, master_process)
 wandb_run_name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))  # '' = the name of out_dir
 config = {k: globals()[k] for k in config_keys}  # the resolved config: plain values only
@@ -272,7 +272,7 @@ if master_process:
           f'{n_moe} MoE layers x {E} experts, top-{top_k}; device {device}, dtype {dtype}, compile {compile}')
 parallel.shard(model, ep_groups, fsdp)  # EP slices the full (loaded) experts; before the optimizer is built
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = optim.configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = optim.from_config(model, config, device_type)  # AdamW, or Muon + AdamW (optimizer='muon')
 if ckpt is not None:
     checkpoint.restore_run(ckpt, model, optimizer, scaler, data_gen, sharded,
                            reseed=None if master_process else seed + rank + world_size * iter_num)

@@ -17,6 +17,7 @@ import numpy as np
 import checkpoint
 import hardware
 from model import MoEGPT, MoEGPTConfig
+from optim import OPTIMIZERS
 from prepare import DataError, load_meta, prepare_command
 
 
@@ -73,6 +74,15 @@ def check_keys(c):
           f"dead_expert_threshold={c['dead_expert_threshold']} must be in [0, 1]")
     check(c['keep_last'] >= 1, f"keep_last={c['keep_last']} must be >= 1")
     check(c['max_bad_steps'] >= 1, f"max_bad_steps={c['max_bad_steps']} must be >= 1")
+    check(c['optimizer'] in OPTIMIZERS, f"optimizer={c['optimizer']!r} must be 'adamw' or 'muon'")
+    if c['optimizer'] == 'muon':
+        check(c['muon_lr'] >= 0, f"muon_lr={c['muon_lr']} must be >= 0 (0 = learning_rate)")
+        check(0 <= c['muon_momentum'] < 1, f"muon_momentum={c['muon_momentum']} must be in [0, 1)")
+        check(c['learning_rate'] > 0 or c['muon_lr'] == 0,
+              f"muon_lr={c['muon_lr']} with learning_rate=0: the schedule scales Muon's lr by muon_lr / learning_rate")
+    else:  # a Muon setting that would silently do nothing
+        for k, default in (('muon_lr', 0.0), ('muon_momentum', 0.95)):
+            check(c[k] == default, f"{k}={c[k]} is Muon's: it needs optimizer='muon' (optimizer={c['optimizer']!r})")
     check(all(type(i) is int for i in c['debug_nan_at_iters']),
           f"debug_nan_at_iters={c['debug_nan_at_iters']!r} must be a list of iteration numbers (ints)")
 
@@ -104,6 +114,9 @@ def check_parallel(c, ddp, world_size):
           f"expert_parallel={c['expert_parallel']} must divide n_experts={c['n_experts']}")
     check(c['fsdp'] in (True, False), f"fsdp={c['fsdp']!r} must be True or False")
     check(not c['fsdp'] or ddp, 'fsdp=True needs several processes: launch with torchrun')
+    check(not (c['fsdp'] and c['optimizer'] == 'muon'),  # a DTensor shard is not a matrix to orthogonalise
+          "optimizer='muon' runs single-process, under DDP and with expert_parallel, not with fsdp=True "
+          "(docs/training.md); use optimizer='adamw' with fsdp")
 
 
 def resolve_system(c, local_rank, sharded):
@@ -234,9 +247,9 @@ def resolve_init_from(init_from, out_dir):
     return 'resume' if found else 'scratch'
 
 
-def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset):
+def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset, optimizer='adamw'):
     """init_from=resume: the checkpoint must load and match the model config (but for the `tunable`
-    fields) and the data. Returns it."""
+    fields), the data and the optimizer (its state is another optimizer's). Returns it."""
     try:
         ckpt = checkpoint.load(ckpt_path)
     except checkpoint.CheckpointError as e:
@@ -249,6 +262,9 @@ def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset):
             if k not in tunable and ckpt_args.get(k) != v]
     check(not diff, f'init_from=resume: {ckpt_path} was trained with a different model config; pass the '
                     f'same settings (e.g. --key=value) to resume:\n    ' + '\n    '.join(diff))
+    saved = ckpt.get('config', {}).get('optimizer', 'adamw')  # (checkpoints from before the key: AdamW)
+    check(saved == optimizer, f"init_from=resume: {ckpt_path} was trained with optimizer={saved!r}, not {optimizer!r}; "
+                              f"its optimizer state only resumes the same (pass --optimizer={saved})")
     check(ckpt.get('meta_vocab_size') in (None, meta_vocab_size),
           f"init_from=resume: {ckpt_path} was trained on a vocabulary of {ckpt.get('meta_vocab_size')} but "
           f"'{dataset}' has {meta_vocab_size}")
