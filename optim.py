@@ -11,12 +11,16 @@ NaN guard, the checkpoint and expert parallelism see what they see with AdamW (d
 import inspect
 
 import torch
-from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr, \
-    _zeropower_via_newtonschulz
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
-OPTIMIZERS = ('adamw', 'muon')
+try:  # torch's Muon (its Newton-Schulz, coefficients and lr rule); a torch without it trains with AdamW only
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr, \
+        _zeropower_via_newtonschulz
+    OPTIMIZERS = ('adamw', 'muon')
+except ImportError:
+    DEFAULT_A = DEFAULT_B = DEFAULT_C = DEFAULT_NS_STEPS = EPS = None
+    OPTIMIZERS = ('adamw',)
 
 
 def fused_adamw_supported(device_type):

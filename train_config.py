@@ -74,7 +74,8 @@ def check_keys(c):
           f"dead_expert_threshold={c['dead_expert_threshold']} must be in [0, 1]")
     check(c['keep_last'] >= 1, f"keep_last={c['keep_last']} must be >= 1")
     check(c['max_bad_steps'] >= 1, f"max_bad_steps={c['max_bad_steps']} must be >= 1")
-    check(c['optimizer'] in OPTIMIZERS, f"optimizer={c['optimizer']!r} must be 'adamw' or 'muon'")
+    check(c['optimizer'] in OPTIMIZERS, f"optimizer={c['optimizer']!r} must be one of {OPTIMIZERS}"
+                                        + ('' if 'muon' in OPTIMIZERS else " (this torch has no torch.optim.Muon)"))
     if c['optimizer'] == 'muon':
         check(c['muon_lr'] >= 0, f"muon_lr={c['muon_lr']} must be >= 0 (0 = learning_rate)")
         check(0 <= c['muon_momentum'] < 1, f"muon_momentum={c['muon_momentum']} must be in [0, 1)")

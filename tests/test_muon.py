@@ -365,7 +365,7 @@ def test_ddp_and_expert_parallel_train_like_single_process(char_data, tmp_path, 
 
 
 @pytest.mark.parametrize('args, msg', [
-    (['--optimizer=sgd'], "optimizer='sgd' must be 'adamw' or 'muon'"),
+    (['--optimizer=sgd'], "optimizer='sgd' must be one of ('adamw', 'muon')"),
     (['--optimizer=muon', '--muon_lr=-0.01'], 'muon_lr=-0.01 must be >= 0'),
     (['--optimizer=muon', '--muon_momentum=1.0'], 'muon_momentum=1.0 must be in [0, 1)'),
     (['--optimizer=muon', '--muon_lr=0.01', '--learning_rate=0'], 'muon_lr=0.01 with learning_rate=0'),
