@@ -72,6 +72,8 @@ def check_keys(c):
     check(0 <= c['dead_expert_threshold'] <= 1,
           f"dead_expert_threshold={c['dead_expert_threshold']} must be in [0, 1]")
     check(c['keep_last'] >= 1, f"keep_last={c['keep_last']} must be >= 1")
+    check(c['ckpt_format'] in ('auto', 'single', 'dcp'),
+          f"ckpt_format={c['ckpt_format']!r} must be 'auto', 'single' or 'dcp'")
     check(c['max_bad_steps'] >= 1, f"max_bad_steps={c['max_bad_steps']} must be >= 1")
     check(all(type(i) is int for i in c['debug_nan_at_iters']),
           f"debug_nan_at_iters={c['debug_nan_at_iters']!r} must be a list of iteration numbers (ints)")
@@ -176,7 +178,7 @@ def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset):
     """init_from=resume: the checkpoint must load and match the model config (but for the `tunable`
     fields) and the data. Returns it."""
     try:
-        ckpt = checkpoint.load(ckpt_path)
+        ckpt = checkpoint.load(ckpt_path, tensors=False)  # DCP: the run state (restore_run reads the shards)
     except checkpoint.CheckpointError as e:
         die(f'init_from=resume: {e}')
     try:  # a checkpoint from before a model field existed has that field's default
