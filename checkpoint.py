@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 import zlib
 
 import numpy as np
@@ -177,8 +178,8 @@ def _way_back(path):
     return f'the previous kept checkpoint is {prev} (iter {kept[-1][0]}): `{how}` resumes from it'
 
 
-def _corrupt(path, what, ckpt_path=None):
-    return CheckpointError(f'checksum mismatch in {what} of {path}: the checkpoint is corrupted; '
+def _corrupt(path, detail='', ckpt_path=None):
+    return CheckpointError(f'checksum mismatch in {path}{detail}: the checkpoint is corrupted; '
                            + _way_back(ckpt_path or path))
 
 
@@ -188,7 +189,7 @@ def _verify_tensors(ckpt, path):
     got = tensor_checksums({k: v for k, v in ckpt.items() if k != 'checksums'})
     bad = [k for k in sorted(set(got) | set(ckpt['checksums'])) if got.get(k) != ckpt['checksums'].get(k)]
     if bad:
-        raise _corrupt(path, f'tensor {bad[0]}')
+        raise _corrupt(path, f' (tensor {bad[0]})')
 
 
 # ----------------------------------------------------------------------------- load
@@ -434,7 +435,9 @@ def save_dcp_run(path, model, optimizer, state, keep_last=1):
         os.makedirs(tmp)
     _barrier()
     sd, groups = parallel.dcp_state_dict(model, optimizer)
-    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=world == 1)
+    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=world == 1)
     mine = {f: file_crc(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.startswith(f'__{rank}_')}
     sums = _gather(mine)
     if rank == 0:
@@ -526,7 +529,7 @@ def verify_dcp(path, d, part=None):
         if not os.path.isfile(p):
             raise CheckpointError(f'checkpoint {path} is incomplete: {p} is missing; ' + _way_back(path))
         if file_crc(p) != crcs[f]:
-            raise _corrupt(p, 'its bytes', path)
+            raise _corrupt(p, '', path)
 
 
 def load_dcp(path, tensors=True, map_location='cpu'):
@@ -561,7 +564,9 @@ def read_dcp_full(d, prefix=''):
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
           if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     try:
-        dcp.load(sd, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+            dcp.load(sd, storage_reader=reader, no_dist=True)
     except Exception as e:
         raise CheckpointError(f'cannot read checkpoint {d}: {type(e).__name__}: {str(e)[:300]}') from None
     return sd
@@ -619,7 +624,9 @@ def to_dcp(src, dst):
     tmp = _dcp_temp(dst, ckpt['iter_num'])
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=True)
     state = {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer', 'checksums', 'rng')}
     _write_dcp_extras(tmp, dict(state, ckpt_format='dcp', rng_by_rank=[ckpt['rng']], optim_groups=groups,
                                 world_size=1), [])

@@ -40,6 +40,7 @@ parameters, over all ranks; EP shards the experts), and their gradients are redu
 reduce_expert_gradients as without FSDP. clip_grad_norm_ here computes the global norm over
 replicated, FSDP-sharded (DTensor) and EP-sharded gradients alike.
 """
+import warnings
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
@@ -532,7 +533,9 @@ def dcp_load(model, optimizer, path, groups, reader):
             t = torch.zeros_like(p, dtype=m.properties.dtype) if len(m.size) else torch.zeros((), dtype=m.properties.dtype)
             sd[key] = _global(t, owner(n)) if len(m.size) else t
             local_params.setdefault(n, {})[key[len(n) + 7:]] = t
-    dcp.load(sd, storage_reader=reader, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        dcp.load(sd, storage_reader=reader, no_dist=not dist.is_initialized())
     raw.load_state_dict({k[6:]: v.to_local() if owner(k[6:]) else v for k, v in sd.items() if k.startswith('model.')})
     params = {n: p for n, p in raw.named_parameters()}
     actual = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g['params'])}
