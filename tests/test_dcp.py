@@ -51,6 +51,10 @@ def losses(out_dir):
             if r['type'] == 'train'}
 
 
+def evals(out_dir):
+    return [r for r in map(json.loads, (Path(out_dir) / 'log.jsonl').read_text().splitlines()) if r['type'] == 'eval']
+
+
 def resume_from(run_dir, ckpt, out):
     """A new out_dir holding run_dir's log and its checkpoint ckpt (e.g. 'ckpt-4.dcp') as the newest."""
     out.mkdir()
@@ -109,8 +113,9 @@ LAYOUTS = {  # name: (processes, extra args)
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_ep4_checkpoint_resumes_in_another_layout(ep4, shakespeare_char_dir, tmp_path, layout):
     """The resharding matrix: EP=4's iter-4 DCP checkpoint resumed at another layout continues the
-    uninterrupted EP=4 run: the losses of iters 4-7 and the final val CE agree to float rounding.
-    A wrong restore would not: an iteration moves the loss by ~100x the tolerance (asserted)."""
+    uninterrupted EP=4 run: the losses of iters 4-7 (and at 4 ranks the final val CE) agree to float rounding (iter 4:
+    the weights; 5-7: AdamW's moments and step too; fresh moments would move every weight by ~lr at once).
+    The tolerance is far below what these iters move the loss (asserted), so a wrong restore fails it."""
     nproc, extra = LAYOUTS[layout]
     out = resume_from(ep4, 'ckpt-4.dcp', tmp_path / 'out')
     r = ok(launch(nproc, [*TINY, '--dropout=0.0', f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}',
@@ -119,10 +124,11 @@ def test_ep4_checkpoint_resumes_in_another_layout(ep4, shakespeare_char_dir, tmp
     ref, got = losses(ep4), losses(out)
     for it in range(4, 8):
         assert got[it] == pytest.approx(ref[it], rel=REL_TOL), (it, got[it], ref[it])
-    assert min(abs(ref[i + 1] - ref[i]) for i in range(4, 7)) > 50 * REL_TOL * ref[4]  # the tolerance can fail
-    val = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines() if '"eval"' in l]
-    ref_val = [json.loads(l) for l in (ep4 / 'log.jsonl').read_text().splitlines() if '"eval"' in l]
-    assert val[-1]['iter'] == 8 and val[-1]['val']['ce'] == pytest.approx(ref_val[-1]['val']['ce'], rel=REL_TOL)
+    assert max(ref[i] for i in range(4, 8)) - min(ref[i] for i in range(4, 8)) > 100 * REL_TOL * ref[4]
+    val, ref_val = evals(out), evals(ep4)
+    assert val[-1]['iter'] == 8
+    if nproc == 4:  # eval draws its batches per rank (seed + rank): same world size, same batches
+        assert val[-1]['val_ce'] == pytest.approx(ref_val[-1]['val_ce'], rel=REL_TOL)
 
 
 def test_dcp_resume_in_one_process_equals_resume_from_the_converted_single_file(ep4, shakespeare_char_dir,
@@ -159,7 +165,7 @@ def test_conversion_round_trip_keeps_every_tensor(ep4, tmp_path):
         assert all(torch.equal(a['model'][k], other['model'][k]) for k in a['model'])
         assert a['optimizer']['param_groups'] == other['optimizer']['param_groups']
         sa, so = a['optimizer']['state'], other['optimizer']['state']
-        assert sa.keys() == so.keys() and len(sa) >= 20
+        assert sa.keys() == so.keys() and len(sa) == 17  # every parameter of the tiny model
         assert all(torch.equal(sa[i][k], so[i][k]) for i in sa for k in sa[i])
         assert torch.equal(a['sampler_state'], other['sampler_state'])
         assert torch.equal(a['rng']['torch'], other['rng']['torch']) and a['iter_num'] == other['iter_num'] == 8
