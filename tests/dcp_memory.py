@@ -40,7 +40,7 @@ def main():
     ap.add_argument('--out', default=None, help='folder to save into (default: a temp dir, removed)')
     a = ap.parse_args()
     if a.format == 'checksums':
-        return checksum_cost()
+        return checksum_cost(a)
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = MoEGPTConfig(n_layer=a.n_layer, n_head=4, n_embd=a.n_embd, block_size=64, vocab_size=256,
@@ -87,12 +87,12 @@ def main():
     dist.destroy_process_group()
 
 
-def checksum_cost():
+def checksum_cost(a):
     """One process: a single-file checkpoint of a tiny and of a bigger model (with AdamW moments), saved
     and loaded with and without checksums; best of 3."""
     import shutil
     for name, kw in (('tiny', dict(n_layer=2, n_head=2, n_embd=32, n_experts=4)),
-                     ('bigger', dict(n_layer=4, n_head=4, n_embd=384, n_experts=8))):
+                     ('bigger', dict(n_layer=a.n_layer, n_head=4, n_embd=a.n_embd, n_experts=a.n_experts))):
         model = MoEGPT(MoEGPTConfig(block_size=64, vocab_size=256, top_k=2, **kw))
         sd = model.state_dict()
         obj = {'format_version': 1, 'model': sd, 'model_args': {}, 'moments': [{k: v.clone() for k, v in sd.items()}
