@@ -130,8 +130,8 @@ def remove_stale_temps(out_dir):
     """Delete what saves killed before their rename left behind (temp files, DCP temp directories);
     returns their paths. Never the directory ckpt.dcp points to (see _commit_dcp)."""
     live = os.path.realpath(os.path.join(out_dir, 'ckpt.dcp'))
-    stale = sorted(f for f in glob.glob(os.path.join(out_dir, TEMP_GLOB)) + glob.glob(os.path.join(out_dir, DCP_TEMP_GLOB))
-                   if os.path.realpath(f) != live)
+    found = glob.glob(os.path.join(out_dir, TEMP_GLOB)) + glob.glob(os.path.join(out_dir, DCP_TEMP_GLOB))
+    stale = sorted(f for f in found if os.path.islink(f) or os.path.realpath(f) != live)
     for f in stale:
         shutil.rmtree(f) if os.path.isdir(f) and not os.path.islink(f) else os.remove(f)
     return stale
@@ -498,7 +498,8 @@ def _commit_dcp(tmp, path, iter_num, keep_last=None):
 
 
 def _link(path, target):
-    tmp_link = f'{path}.{os.getpid()}.link.tmp'
+    d, name = os.path.split(path)
+    tmp_link = os.path.join(d, f'.{name}.{os.getpid()}.link.tmp')
     os.symlink(target, tmp_link)
     os.replace(tmp_link, path)
 
