@@ -104,25 +104,37 @@ RUN_FILES = re.compile(r'ckpt(-\d+)?\.(pt|dcp)|config\.json|log\.jsonl(\.prev|\.
 
 
 def previous_run(out_dir):
-    """The files of an earlier run in out_dir, sorted ([] if none or no such folder)."""
-    return sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f)) if os.path.isdir(out_dir) else []
+    """The files of an earlier run in out_dir, sorted ([] if none or no such folder); a move aside that was
+    interrupted (MOVING) counts too, so the next fresh run finishes it."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f) or MOVING.fullmatch(f))
+
+
+MOVING = re.compile(r'\.prev-run-(\d+)\.moving')  # a move aside in progress: renamed to prev-run-N when whole
 
 
 def move_previous_run(out_dir):
     """A fresh run in an out_dir that holds an earlier one: move every file of that run (checkpoints,
     ckpt-<iter>.pt included, log, config, heatmap) into out_dir/prev-run-<N>, the first N free, so
-    the two never mix (a ckpt-<iter>.pt of one run beside the ckpt.pt of another). Returns that folder,
-    or None when there was nothing to move."""
+    the two never mix (a ckpt-<iter>.pt of one run beside the ckpt.pt of another). The files go into
+    .prev-run-N.moving first, renamed to prev-run-N when all are in: a crash half-way leaves that folder,
+    and the next fresh run moves the rest into it rather than splitting the run over two folders.
+    Returns prev-run-N, or None when there was nothing to move."""
     files = previous_run(out_dir)
     if not files:
         return None
-    n = 1
-    while os.path.exists(os.path.join(out_dir, f'prev-run-{n}')):
+    moving = [m for f in files if (m := MOVING.fullmatch(f))]
+    n = int(moving[0].group(1)) if moving else 1
+    while not moving and (os.path.exists(os.path.join(out_dir, f'prev-run-{n}')) or
+                          os.path.exists(os.path.join(out_dir, f'.prev-run-{n}.moving'))):
         n += 1
-    dest = os.path.join(out_dir, f'prev-run-{n}')
-    os.mkdir(dest)
+    staging, dest = os.path.join(out_dir, f'.prev-run-{n}.moving'), os.path.join(out_dir, f'prev-run-{n}')
+    os.makedirs(staging, exist_ok=True)
     for f in files:
-        os.replace(os.path.join(out_dir, f), os.path.join(dest, f))
+        if RUN_FILES.fullmatch(f):
+            os.replace(os.path.join(out_dir, f), os.path.join(staging, f))
+    os.replace(staging, dest)
     return dest
 
 

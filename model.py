@@ -363,6 +363,10 @@ def limit_to_groups(select_TE, n_group, topk_group):
     return select_TGM.masked_fill(~keep_TG.unsqueeze(-1), float('-inf')).view(T, E)
 
 
+def count_rows(bucket_N, n, dtype=torch.long):  # (n,) rows per bucket; not bincount: it reads n on the host
+    return torch.zeros(n, dtype=dtype, device=bucket_N.device).index_add_(0, bucket_N, torch.ones_like(bucket_N, dtype=dtype))
+
+
 # A loss term is a function of the layer and its routing, registered by name; MoEGPT's loss is
 # ce + sum over terms of config.<name>_loss_coef * (the term's mean over the MoE layers).
 LOSSES = {}  # name -> term(moe, r: Routing, counts_E, S) -> scalar
@@ -397,8 +401,7 @@ def balance_loss(moe, r, counts_E, S):
     if moe.balance_scope == 'sequence':
         B = r.probs_TE.shape[0] // S
         token_N = r.tokens()
-        counts_BE = r.probs_TE.new_zeros(B * E).index_add_(                    # (B*E,) rows per (sequence, expert)
-            0, token_N // S * E + r.expert_N, torch.ones_like(token_N, dtype=r.probs_TE.dtype))
+        counts_BE = count_rows(token_N // S * E + r.expert_N, B * E, r.probs_TE.dtype)  # (B*E,) per (sequence, expert)
         return sequence_balancing_loss(r.probs_TE.view(B, S, E), counts_BE.view(B, E))
     return load_balancing_loss(r.probs_TE, moe.balance_counts(counts_E))
 
@@ -518,8 +521,7 @@ class MoELayer(nn.Module):
         x_TD, T = x_BSD.reshape(-1, D), B * S
         r = self.router(x_TD)                                                 # Routing: (token, expert, gate) rows
         N = r.expert_N.shape[0]
-        counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(  # (E,) rows per expert
-            0, r.expert_N, torch.ones_like(r.expert_N))
+        counts_E = count_rows(r.expert_N, E)                                  # (E,) rows per expert
         cf = self.router.current_capacity_factor() if self.router.spec.capacity else 0
         expert_N, kept_counts_E = r.expert_N, counts_E
         if cf > 0:                                                            # over capacity: expert E, sorts last
@@ -579,15 +581,13 @@ class MoELayer(nn.Module):
             order_P = (a_BSK.permute(1, 2, 0) if self.capacity_priority == 'position'   # (s, j, b) order
                        else a_BSK.view(T, r.k).t()).reshape(-1)                         # (j, t) order
         else:  # j: which choice of its token a row is (0 = first)
-            j_N = self.rank_in_bucket(token_N, torch.zeros(T, dtype=torch.long, device=token_N.device).index_add_(
-                0, token_N, torch.ones_like(token_N)))
+            j_N = self.rank_in_bucket(token_N, count_rows(token_N, T))
             key_N = ((token_N % S) * E + j_N) * B + token_N // S if self.capacity_priority == 'position' else j_N * T + token_N
             order_P = torch.argsort(key_N)                                     # rows in priority order
         bucket_N, counts_K = r.expert_N, counts_E                                # slots: (expert) or (sequence, expert)
         if self.capacity_scope == 'sequence':
             bucket_N = token_N // S * E + r.expert_N
-            counts_K = torch.zeros(B * E, dtype=torch.long, device=token_N.device).index_add_(
-                0, bucket_N, torch.ones_like(bucket_N))
+            counts_K = count_rows(bucket_N, B * E)
         capacity = min(math.ceil(capacity_factor * N / counts_K.numel()), N)  # past N rows: none dropped
         bucket_P = bucket_N.index_select(0, order_P)
         kept_P = self.rank_in_bucket(bucket_P, counts_K) < capacity

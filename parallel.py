@@ -40,6 +40,7 @@ parameters, over all ranks; EP shards the experts), and their gradients are redu
 reduce_expert_gradients as without FSDP. clip_grad_norm_ here computes the global norm over
 replicated, FSDP-sharded (DTensor) and EP-sharded gradients alike.
 """
+import os
 import warnings
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
@@ -47,6 +48,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.constants import default_pg_timeout
 
 from model import GroupedExperts
 
@@ -570,12 +572,30 @@ def apply_fsdp(model, mesh=None, reshard_after_forward=True, mp_policy=None):
 
 # ----------------------------------------------------------------------------- train.py's wiring
 
+def restart_safe_store():
+    """init_process_group's store, safe under an elastic restart (`torchrun --max-restarts=N`). torchrun's workers
+    share its rendezvous TCPStore (TORCHELASTIC_USE_AGENT_STORE), which outlives a restart with the previous
+    launch's keys in it, so a relaunched rank can read a dead rank's address as its peer's and fail to connect
+    (pytorch#135712; seen with gloo in torch 2.13). Each launch gets keys of its own: every rank counts its
+    own launches in the store, and as torchrun relaunches every rank each time (a fixed number of nodes), the
+    counts agree (TORCHELASTIC_RESTART_COUNT need not: each node's agent keeps its own). Returns
+    init_process_group's keyword arguments; {} outside torchrun's shared store (env:// as usual)."""
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return {}
+    rank = int(os.environ['RANK'])
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                          timeout=default_pg_timeout)  # env://'s timeout: a slow node may take minutes
+    launch = store.add(f'moegpt/launches/rank{rank}', 1)  # 1, 2, ...: the same on every rank of a (re)launch
+    return dict(store=dist.PrefixStore(f'moegpt/launch{launch}', store), rank=rank,
+                world_size=int(os.environ['WORLD_SIZE']))
+
+
 def setup(backend, device, expert_parallel):
     """A torchrun process joins the process group (and the EP groups when expert_parallel > 1).
     Returns the EPGroups, or None."""
     if str(device).startswith('cuda'):
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, **restart_safe_store())
     return init_expert_parallel(expert_parallel) if expert_parallel > 1 else None
 
 

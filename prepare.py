@@ -11,8 +11,9 @@ prepare.py: turn text into nanoGPT's training format, the only thing train.py an
     python prepare.py text --input FILE_OR_DIR     your own text (--tokenizer char|gpt2)
     python prepare.py hf --hf_dataset NAME         any HF dataset, or local files via --data_files
 
-Offline-safe: every input can be a local file, every failure is one line and a non-zero exit, and
-outputs are written to temp files that are renamed into place only when all of them are complete.
+Offline-safe: every input can be a local file. Bad input (an option the dataset does not read
+included) is one line and exit 2, a failing disk one line and exit 1; outputs are written to temp
+files that are renamed into place only when all of them are complete.
 train.py / sample.py import load_meta and get_codec from here, so nothing heavy (datasets,
 tiktoken) is imported at module level.
 """
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
+
 FORMAT_VERSION = 1
 DATASETS = ('shakespeare_char', 'shakespeare', 'openwebtext', 'text', 'hf')
 TOKENIZERS = ('char', 'gpt2')
@@ -44,10 +47,11 @@ GPT2_BPE_CACHE_NAMES = {
     'encoder.json': '6c7ea1a7e38e3a7f062df639a5b80947f075ffe6',
 }
 SPLIT_SEED = 2357  # nanoGPT's openwebtext split seed
+MAX_PROC = 1024  # --num_proc: more processes than any one machine runs is a typo, not a request
 
 
 class DataError(Exception):
-    """Bad input or missing data: main() prints the message as one line and exits 1."""
+    """Bad input or missing data: main() prints the message as one line and exits 2 (cli.BAD_INPUT)."""
 
 
 def prepare_command(name, data_dir='data'):
@@ -422,12 +426,32 @@ def prepare_hf(out_dir, path, *, data_files=None, config=None, split='train', co
 
 # ----------------------------------------------------------------------------- entry point
 
+# the options that only some datasets read; given to another, they would be silently ignored
+HUB = ('openwebtext', 'hf')
+READ_BY = {'input': ('shakespeare_char', 'shakespeare', 'text'), 'hf_dataset': ('hf',), 'data_files': ('hf',),
+           'hf_config': HUB, 'hf_split': HUB, 'hf_column': HUB, 'num_proc': HUB}
+
+
 def prepare(dataset, data_dir='data', name=None, input=None, tokenizer=None, val_fraction=None,
-            num_proc=None, dtype='auto', force=False, hf_dataset=None, hf_config=None, hf_split='train',
-            hf_column='text', data_files=None, cache_dir=None, command=''):
+            num_proc=None, dtype='auto', force=False, hf_dataset=None, hf_config=None, hf_split=None,
+            hf_column=None, data_files=None, cache_dir=None, command=''):
     """Prepare one dataset into data_dir/name; what the CLI calls. Returns its meta dict."""
     if dataset not in DATASETS:
         raise DataError(f'unknown dataset {dataset!r}; choose one of: {", ".join(DATASETS)}')
+    given = dict(input=input, hf_dataset=hf_dataset, data_files=data_files, hf_config=hf_config,
+                 hf_split=hf_split, hf_column=hf_column, num_proc=num_proc)
+    for key, value in given.items():
+        if value is not None and dataset not in READ_BY[key]:
+            raise DataError(f'--{key} is read only by {" / ".join(READ_BY[key])}, not {dataset}; drop it')
+    for key, value in dict(data_dir=data_dir, name=name, dtype=dtype, **given).items():
+        items = value if isinstance(value, list) else [value]
+        if value is not None and (not items or any(not str(v).strip() for v in items)):
+            raise DataError(f'--{key} is empty; give it a value or leave it out')
+    if hf_config is not None and data_files:
+        raise DataError('--hf_config names a configuration of a hub dataset; local --data_files have none, drop it')
+    if num_proc is not None and not 1 <= num_proc <= MAX_PROC:
+        raise DataError(f'--num_proc must be 1..{MAX_PROC} (processes to start), not {num_proc}')
+    hf_split, hf_column = hf_split or 'train', hf_column or 'text'
     if dataset == 'text' and input is None:
         raise DataError('text needs --input FILE_OR_FOLDER')
     if dataset == 'hf' and not hf_dataset:
@@ -462,8 +486,8 @@ def prepare(dataset, data_dir='data', name=None, input=None, tokenizer=None, val
                         source_bytes=nbytes, source_sha256=sha, **common)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
+def make_parser():
+    p = cli.Parser(prog='prepare.py', description=__doc__.split('\n\n')[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog='\n'.join(__doc__.split('\n\n')[2].splitlines()))
     p.add_argument('dataset', help=' | '.join(DATASETS))
@@ -473,15 +497,19 @@ def parse_args(argv=None):
     p.add_argument('--tokenizer', choices=TOKENIZERS, help='for `text` (default char)')
     p.add_argument('--val_fraction', type=float,
                    help='share held out for val (default 0.1; openwebtext 0.0005; hf 0.01 of documents)')
-    p.add_argument('--num_proc', type=int, help='processes for HF load/tokenise (default min(8, cpus))')
+    p.add_argument('--num_proc', type=cli.positive_int, help='processes for HF load/tokenise (default min(8, cpus))')
     p.add_argument('--dtype', default='auto', help='auto | uint16 | uint32 (auto: uint16 if the vocab fits)')
     p.add_argument('--force', action='store_true', help='re-create data that is already prepared')
     p.add_argument('--hf_dataset', help='`hf`: hub name, or a builder (text, json, csv, parquet) with --data_files')
     p.add_argument('--hf_config', help='`hf`: dataset config name')
-    p.add_argument('--hf_split', default='train', help='`hf`: split to read (default train; val is cut from it)')
-    p.add_argument('--hf_column', default='text', help='`hf`: text column (default text)')
+    p.add_argument('--hf_split', help='`hf`: split to read (default train; val is cut from it)')
+    p.add_argument('--hf_column', help='`hf`: text column (default text)')
     p.add_argument('--data_files', nargs='+', help='`hf`: local files/globs for the builder in --hf_dataset')
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -489,7 +517,10 @@ def main(argv=None):
     opts = vars(parse_args(argv))
     try:
         prepare(opts.pop('dataset'), command=' '.join(['python prepare.py', *argv]), **opts)
-    except (DataError, OSError) as e:  # bad input / disk: one line, no traceback
+    except DataError as e:  # bad input or missing data: one line, exit 2, nothing written
+        print(f'prepare.py: error: {e}', file=sys.stderr)
+        return cli.BAD_INPUT
+    except OSError as e:  # the disk or the filesystem failed (not the input): one line, exit 1
         print(f'prepare.py: error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -58,9 +58,9 @@ eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val CE improves
 keep_last = 1  # checkpoints kept: ckpt.pt, plus (if > 1) ckpt-<iter>.pt for the keep_last newest saves
 ckpt_format = 'auto'  # 'single' (ckpt.pt), 'dcp' (ckpt.dcp/: each rank writes its shard); 'auto': dcp if sharded
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub) or
-# 'gpt2:PATH' (a save_pretrained dir), or 'hf:NAME_OR_PATH': Mixtral, OLMoE, Qwen2/3-MoE, Llama, Qwen2/3 (hf.py);
-# a dense checkpoint with n_experts > 1 is sparsely upcycled
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if out_dir holds a checkpoint, else
+# scratch), GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub) or 'gpt2:PATH' (a save_pretrained dir), or 'hf:NAME_OR_PATH':
+# Mixtral, OLMoE, Qwen2/3-MoE, Llama, Qwen2/3 (hf.py); a dense checkpoint with n_experts > 1 is sparsely upcycled
 upcycle_noise = 0.0  # upcycling: Gaussian noise (x weight std) on each expert's copy
 # wandb logging
 wandb_log = False
@@ -176,10 +176,11 @@ gptconf = train_config.model_config({k: globals()[k] for k in config_keys}, meta
 model_args = dataclasses.asdict(gptconf)
 globals().update(model_args)  # resolved values (expert_hidden=None -> 4*n_embd, ...) go into the config
 ckpt, ckpt_path = None, checkpoint.path_for(out_dir, ckpt_format, sharded)  # where this run saves
+init_from = train_config.resolve_init_from(init_from, out_dir)  # 'auto': resume if out_dir holds a checkpoint
 if init_from == 'resume':  # the newest checkpoint, either format, must load and match the model config and data
     ckpt = train_config.load_resume(checkpoint.latest(out_dir), model_args, TUNABLE, meta_vocab_size, dataset)
 train_config.check_out_dir(out_dir, dry_run, master_process)
-wandb_run_name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
+wandb_run_name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))  # '' = the name of out_dir
 config = {k: globals()[k] for k in config_keys}  # the resolved config: plain values only
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
@@ -192,7 +193,7 @@ if master_process:
           f'tokens per iteration {tokens_per_iter:,}')
     if device_type == 'cpu' and not eval_only:  # `python train.py` on a laptop: say so before a day of training
         _hint = train_config.cpu_hint(gptconf, tokens_per_iter, max_iters, torch.get_num_threads())
-        print(_hint) if _hint else None
+        if _hint: print(_hint)
 _fresh = init_from != 'resume' and checkpoint.previous_run(out_dir)  # an earlier run's files (moved aside below)
 if dry_run:  # before the model, the process group and out_dir
     if master_process:
@@ -200,7 +201,7 @@ if dry_run:  # before the model, the process group and out_dir
                      device_type == 'cuda' else 'MPS') + ', which nothing touched')
         print(f"dry run: every check passed ({data_path}: {n_tokens['train']:,} train, {n_tokens['val']:,} val "
               f"tokens{'' if device_here else _not_here}); nothing was built, written or started")
-        print(f'a real run would move the earlier run in {out_dir} to {out_dir}/prev-run-N') if _fresh else None
+        if _fresh: print(f'a real run would move the earlier run in {out_dir} to {out_dir}/prev-run-N')
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
@@ -276,11 +277,11 @@ optimizer = optim.configure_optimizers(model, weight_decay, learning_rate, (beta
 if ckpt is not None:
     checkpoint.restore_run(ckpt, model, optimizer, scaler, data_gen, sharded,
                            reseed=None if master_process else seed + rank + world_size * iter_num)
-    print(f'resumed from {ckpt_path} at iter {iter_num} (best val CE {best_val_loss:.4f})') if master_process else None
+    if master_process: print(f'resumed from {ckpt_path} at iter {iter_num} (best val CE {best_val_loss:.4f})')
 ckpt = None  # free memory
 raw_model = model  # the plain module: state_dict, MFU, eval
 if compile:
-    print('compiling the model... (takes a ~minute)') if master_process else None
+    if master_process: print('compiling the model... (takes a ~minute)')
     model = torch.compile(model, mode=compile_mode)
 mark_step = train_config.cudagraph_step_marker(compile, compile_mode)  # before each forward (CUDA graphs)
 eval_model = model  # compiled if compile, never DDP-wrapped (eval needs no gradient sync)
@@ -385,7 +386,7 @@ while True:
         break
 
     # one optimizer step: gradient_accumulation_steps micro-steps over all processes, no host read (sync_debug)
-    sync_debug_mode(device_type, True) if sync_debug and iter_num >= start_iter + 2 else None
+    if sync_debug and iter_num >= start_iter + 2: sync_debug_mode(device_type, True)
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     step_loss = torch.zeros((), device=device)  # this process's loss, for the finiteness check
     for micro_step in range(ga_local):
@@ -419,7 +420,7 @@ while True:
         raw_model.update_expert_bias(step_counts * (1 - guard.skipped))
     iters_since_log += 1
     stop = guard.stop_requested()  # preempted (under DDP: on any rank, agreed without a GPU read)
-    sync_debug_mode(device_type, False) if sync_debug else None
+    if sync_debug: sync_debug_mode(device_type, False)
 
     # log: stats over the whole interval, all micro-steps, all processes
     if iter_num % log_interval == 0:
@@ -441,8 +442,7 @@ while True:
                   + ('\n  (launched with torchrun, as this run was)' if ddp else ''))
         break
 
-if wandb_log and master_process:
-    wandb.finish()
+if wandb_log and master_process: wandb.finish()
 if ddp:
     # wait until rank 0 has written its last checkpoint: a rank that tears gloo down while a peer is still
     # busy can abort at exit ("terminate called without an active exception", seen 1 in ~20 test runs)

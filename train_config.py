@@ -48,9 +48,9 @@ def check_keys(c):
     check(c['out_dir'] != '', "out_dir='' must name a folder (e.g. --out_dir=out)")
     check(not c['wandb_log'] or importlib.util.find_spec('wandb'),
           'wandb_log=True needs wandb: pip install wandb (or leave wandb_log=False)')
-    check(c['init_from'] in ('scratch', 'resume') or c['init_from'].startswith(('gpt2', 'hf:')),
-          f"init_from={c['init_from']!r} must be 'scratch', 'resume', a GPT-2 name ('gpt2', 'gpt2-medium', ...), "
-          f"'gpt2:PATH' or 'hf:NAME_OR_PATH'")
+    check(c['init_from'] in ('scratch', 'resume', 'auto') or c['init_from'].startswith(('gpt2', 'hf:')),
+          f"init_from={c['init_from']!r} must be 'scratch', 'resume', 'auto', a GPT-2 name ('gpt2', 'gpt2-medium', "
+          f"...), 'gpt2:PATH' or 'hf:NAME_OR_PATH'")
     check(c['upcycle_noise'] >= 0, f"upcycle_noise={c['upcycle_noise']} must be >= 0")
     check(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'),
           f"dtype={c['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
@@ -169,9 +169,71 @@ def model_config(c, meta_vocab_size):
     check(c['vocab_size'] >= meta_vocab_size,
           f"vocab_size={c['vocab_size']} is smaller than the dataset's ({meta_vocab_size})")
     try:
-        return MoEGPTConfig(**{k: c[k] for k in MoEGPTConfig.field_names()})
+        gptconf = MoEGPTConfig(**{k: c[k] for k in MoEGPTConfig.field_names()})
     except (ValueError, TypeError) as e:
         die(e)
+    check_fits(gptconf, c['device'], int(os.environ.get('WORLD_SIZE', 1)))
+    return gptconf
+
+
+STATE_BYTES_PER_PARAM = 12  # at least: fp32 weights, their gradients, one optimizer moment (AdamW keeps two)
+
+
+def count_params(gptconf):
+    """The model's parameter count, from one block of each kind built on the meta device (nothing is
+    allocated, and n_layer=10**9 costs no more than 1)."""
+    import torch
+    from model import Block
+    E, L, first, every = gptconf.n_experts, gptconf.n_layer, gptconf.moe_first_dense, gptconf.moe_every
+    n_moe = 0 if E == 1 or L <= first else -(-(L - first) // every)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    with torch.device('meta'):
+        one = MoEGPT(dataclasses.replace(gptconf, n_layer=1, moe_first_dense=0, moe_every=1))
+        outside_blocks = count(one) - count(one.transformer.h[0])
+        moe = count(Block(gptconf, True)) if n_moe else 0
+        dense = count(Block(gptconf, False)) if L > n_moe else 0
+    return outside_blocks + n_moe * moe + (L - n_moe) * dense
+
+
+def check_fits(gptconf, device, world_size):
+    """Sizes that are valid integers but absurd (n_layer=10**9): refused before anything is built, when
+    even the training state split evenly over every process is more than this device's memory."""
+    import torch
+    if device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            return  # a dry run on a machine without the GPU: nothing to measure against
+        memory, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, 'GPU memory'
+    else:  # the CPU, and MPS (unified memory)
+        memory, where = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'RAM'
+    n = count_params(gptconf)
+    need = STATE_BYTES_PER_PARAM * n / world_size
+    check(need <= memory, f'the model has {n:,} parameters: training them needs at least {need / 2**30:,.0f} GiB per '
+                          f'process ({STATE_BYTES_PER_PARAM} bytes each over {world_size} process'
+                          f'{"es" * (world_size > 1)}), more than the {memory / 2**30:,.0f} GiB of {where} here; '
+                          f'make n_layer, n_embd, n_experts or vocab_size smaller')
+
+
+def latest_checkpoint(out_dir):
+    """The checkpoint a resume in out_dir reads, or None if out_dir holds none. The one place that says
+    what counts as a checkpoint (init_from='auto' asks it): out_dir/ckpt.pt or the sharded out_dir/ckpt.dcp,
+    the one saved last (checkpoint.latest). One that exists but does not load still counts: resuming it
+    fails clearly (exit 2) rather than silently starting over."""
+    path = checkpoint.latest(out_dir)
+    return path if os.path.lexists(path) else None
+
+
+def resolve_init_from(init_from, out_dir):
+    """init_from='auto' (elastic restarts: `torchrun --max-restarts=N ... --init_from=auto` relaunches the same
+    command): 'resume' when out_dir holds a checkpoint, else 'scratch' (and a scratch start moves an earlier
+    run's files aside, as ever). Every rank decides for itself from the same files: out_dir must be on a
+    filesystem all ranks share, as it must for init_from='resume'. Any other value is returned as it is."""
+    if init_from != 'auto':
+        return init_from
+    found = latest_checkpoint(out_dir)
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"init_from='auto': resuming from {found}" if found else
+              f"init_from='auto': no checkpoint in {out_dir}, starting from scratch")
+    return 'resume' if found else 'scratch'
 
 
 def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset):

@@ -1,13 +1,15 @@
 """
 Worker for tests/test_parallel.py, launched with
     torchrun --standalone --nproc_per_node=2 tests/parallel_worker.py OUT.json
-(CPU, gloo). Every check runs the single-process model beside the distributed one, on the same
+and again with --nproc_per_node=4 (CPU, gloo; each world size runs its own list of checks, main()). Every check runs the single-process model beside the distributed one, on the same
 weights and the same global batch (the single process accumulates the ranks' micro-batches, exactly
 what train.py's gradient accumulation does), and records the measured differences; rank 0 writes
 them to OUT.json and the pytest side asserts on them. Checks: EP forward/backward (dropless,
 capacity with drops, experts replicated over a replica group), an EP training run with DDP for the
 dense parameters, checkpoints EP=2 -> EP=1 and EP=1 -> EP=2 (model + AdamW state, through
-checkpoint.save/load), FSDP2 and FSDP2 + EP training runs.
+checkpoint.save/load), FSDP2 and FSDP2 + EP training runs. At 4 ranks: EP=4 forward/backward, EP=2 x DP=2
+(two EP groups, each expert on 2 replicas) forward/backward, training and checkpoints, FSDP2 over 4 ranks and
+FSDP2 x EP=2, and plain DDP x 4 with gradient accumulation.
 """
 import copy
 import datetime
@@ -284,6 +286,30 @@ def fsdp_train(ep_groups, steps=3, clip=0.5):
     return out
 
 
+def ddp_train(steps=3, ga=2, clip=0.2):
+    """Plain DDP over every rank (all parameters replicated, experts included; no EP) with `ga` micro-steps
+    per rank, the gradient all-reduce only on the last one (no_sync before), vs the single process
+    accumulating all W * ga micro-batches."""
+    cfg = MoEGPTConfig(**CONFIGS['capacity'])  # 8 experts, drops, a shared expert: every kind of parameter
+    W = dist.get_world_size()
+    torch.manual_seed(0)
+    ref = MoEGPT(cfg)
+    m = DDP(copy.deepcopy(ref))
+    opt_ref, opt_m = make_opt(ref), make_opt(m, foreach=True)
+    out = {'ref_losses': [], 'losses': [], 'ref_norms': [], 'norms': []}
+    for s in range(steps):
+        X, Y = batch(cfg, W * ga, seed=300 + s)
+        l, n = step_single(ref, opt_ref, X, Y, clip)
+        out['ref_losses'].append(l)
+        out['ref_norms'].append(n)
+        l, n = step_dist(m, opt_m, X, Y, clip, ddp=True)
+        out['losses'].append(l)
+        out['norms'].append(n)
+    ref_sd, sd = ref.state_dict(), m.module.state_dict()
+    out['param_abs'] = max_over_ranks({'d': max((sd[k] - ref_sd[k]).abs().max().item() for k in ref_sd)})['d']
+    return out
+
+
 def config_errors(ep_groups):
     """The clear errors: experts not divisible by the EP size, world not divisible by it."""
     out = {}
@@ -302,17 +328,26 @@ def main():
     out_path, tmpdir = sys.argv[1], os.path.dirname(os.path.abspath(sys.argv[1]))
     torch.set_num_threads(1)
     dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=60))  # a failure can't hang CI
-    rank = dist.get_rank()
-    ep2 = parallel.init_expert_parallel(2)  # both experts shards, no replicas
-    ep1 = parallel.init_expert_parallel(1)  # every rank holds all experts: the replica-group path
+    rank, W = dist.get_rank(), dist.get_world_size()
+    ep2 = parallel.init_expert_parallel(2)  # 2 ranks: both experts shards, no replicas; 4 ranks: EP=2 x DP=2
     res, t0 = {}, time.perf_counter()
-    jobs = [('ep_dropless', lambda: check_equivalence('dropless', ep2)),
-            ('ep_capacity', lambda: check_equivalence('capacity', ep2)),
-            ('ep_skewed', lambda: check_equivalence('skewed', ep2)),
-            ('ep1_replicas', lambda: check_equivalence('dropless', ep1)),
-            ('train', lambda: train_and_checkpoint(ep2, tmpdir)),
-            ('fsdp', lambda: fsdp_train(ep2)),
-            ('errors', lambda: config_errors(ep2))]
+    if W == 2:
+        ep1 = parallel.init_expert_parallel(1)  # every rank holds all experts: the replica-group path
+        jobs = [('ep_dropless', lambda: check_equivalence('dropless', ep2)),
+                ('ep_capacity', lambda: check_equivalence('capacity', ep2)),
+                ('ep_skewed', lambda: check_equivalence('skewed', ep2)),
+                ('ep1_replicas', lambda: check_equivalence('dropless', ep1)),
+                ('train', lambda: train_and_checkpoint(ep2, tmpdir)),
+                ('fsdp', lambda: fsdp_train(ep2)),
+                ('errors', lambda: config_errors(ep2))]
+    else:  # 4 ranks: the layouts 2 ranks cannot have (few steps: 4 processes share CI's 2 cores)
+        ep4 = parallel.init_expert_parallel(4)  # 1 expert per rank (dropless), 2 (capacity: 8 experts)
+        jobs = [('ep4_dropless', lambda: check_equivalence('dropless', ep4)),
+                ('ep4_capacity', lambda: check_equivalence('capacity', ep4)),
+                ('ep2_dp2', lambda: check_equivalence('dropless', ep2)),
+                ('train', lambda: train_and_checkpoint(ep2, tmpdir, steps=3)),
+                ('fsdp', lambda: fsdp_train(ep2, steps=2)),
+                ('ddp_ga', lambda: ddp_train())]
     for name, fn in jobs:
         t = time.perf_counter()
         try:

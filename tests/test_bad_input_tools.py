@@ -233,10 +233,64 @@ def test_compare_every_key_every_hostile_value(work):
           argparse_form)
 
 
+# prepare.py runs whole (its checks and its writes are one call, and cheap on a small text): a refused pair
+# leaves the working folder unchanged; an accepted one must be listed here and leave a dataset that loads
+PREPARE_ACCEPTED = {
+    **{(k, c): 'a folder name (letters, digits, _ . -), created for the output'
+       for k in ('--name', '--data_dir') for c in ('negative', 'zero', 'huge', 'inf', 'inf literal', '-inf', 'nan',
+                                                  'wrong type', 'words', 'unknown name')},
+}
+PREPARE_HUB_KEYS = ('--hf_dataset', '--data_files', '--hf_config', '--hf_split', '--hf_column', '--num_proc')
+
+
+def prepare_sweep(tmp, hf_home, monkeypatch):
+    """Every prepare.py argument (the dataset too) x every hostile value, run whole, in this process. The
+    hub-only options on a local `hf` run (the `text` builder on a file), the others on a `text` run."""
+    import prepare
+    for var, value in (('HF_HUB_OFFLINE', '1'), ('HF_DATASETS_OFFLINE', '1'), ('HF_HOME', str(hf_home))):
+        monkeypatch.setenv(var, value)
+    for i in (1, 2):  # `hf` reads a file as one document and needs two for a train/val split
+        (tmp / f'book{i}.txt').write_text(f'It is a truth universally acknowledged, {i}.\n' * 50)
+    text_base = ['text', '--input=book1.txt', '--data_dir=data', '--name=sweep']
+    hf_base = ['hf', '--hf_dataset=text', '--data_files=book*.txt', '--data_dir=data', '--name=sweep', '--num_proc=1']
+    tried, got_accepted = 0, set()
+    for key in ['dataset', *argparse_keys(prepare.make_parser())]:
+        base = hf_base if key in PREPARE_HUB_KEYS else text_base
+        for cls, text in HOSTILE.items():
+            argv = [text, *base[1:]] if key == 'dataset' else [a for a in base if not a.startswith(key + '=')] + [f'{key}={text}']
+            before = snapshot(tmp)
+            code, err, tb = call(lambda a: sys.exit(prepare.main(a)), argv)
+            tried += 1
+            if code == 0 and not tb:
+                got_accepted.add((key, cls))
+                made = sorted(set(snapshot(tmp)[1]) - before[1])  # the new folders: data_dir/name
+                out = [d for d in made if os.path.isfile(tmp / d / 'meta.json')]
+                assert len(out) == 1, f'prepare.py {argv}: accepted, but wrote {made}'
+                prepare.load_meta(tmp / os.path.dirname(out[0]), os.path.basename(out[0]))  # a dataset that loads
+                shutil.rmtree(tmp / made[0])
+                assert snapshot(tmp) == before
+                continue
+            # datasets' progress bars (lines redrawn with \r) may come first: the one line is the error
+            err = '\n'.join(line for line in err.split('\n') if '\r' not in line)
+            assert_contract('prepare.py', code, err, tb, f'prepare.py {argv}')
+            assert snapshot(tmp) == before, f'prepare.py {argv}: refused, but wrote or changed a file'
+    unexpected = got_accepted - set(PREPARE_ACCEPTED)
+    assert not unexpected, f'prepare.py: hostile values accepted without a reason in PREPARE_ACCEPTED: {sorted(unexpected)}'
+    return tried
+
+
+def test_prepare_every_key_every_hostile_value(tmp_path, monkeypatch, gpt2_offline):
+    work = tmp_path / 'work'  # the working folder checked unchanged; datasets' cache beside it
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert prepare_sweep(work, tmp_path / 'hf_home', monkeypatch) == (1 + len(argparse_keys(__import__('prepare').make_parser()))) * len(HOSTILE)
+
+
 def test_pair_counts():
     """The number of (key, value) pairs each sweep tries (issue 24's closing note): keys x hostile values."""
     keys = dict(sample=len(__import__('sample').DEFAULTS), export=len(__import__('export').DEFAULTS),
-                bench=len(argparse_keys(bench.make_parser())), compare=len(argparse_keys(compare.make_parser())))
+                bench=len(argparse_keys(bench.make_parser())), compare=len(argparse_keys(compare.make_parser())),
+                prepare=1 + len(argparse_keys(__import__('prepare').make_parser())))  # + the dataset argument
     counts = {k: v * len(HOSTILE) for k, v in keys.items()}
     print('(key, value) pairs per entry point:', counts)
     assert all(v >= 5 * len(HOSTILE) for v in counts.values()), counts

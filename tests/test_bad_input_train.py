@@ -296,3 +296,60 @@ def test_capacity_rule_follows_the_router_declaration(monkeypatch):
         MoEGPTConfig(**base, router='nocap', capacity_factor=1.25)
     assert sum(MoEGPTConfig(**base, moe_first_dense=1).is_moe_layer(i) for i in range(2)) == 1
     assert MoEGPTConfig(**{**base, 'n_experts': 1}, moe_first_dense=5).n_experts == 1
+
+
+@pytest.mark.parametrize('arg', ['--n_layer=1000000000', '--n_experts=1000000000', '--vocab_size=1000000000000'])
+def test_absurd_sizes_are_refused_before_anything_is_built(finished, shakespeare_char_dir, tmp_path, arg):
+    """Integers that fit in int64 but no machine can train (n_layer=10**9 used to start building 10**9
+    blocks): refused in one line when the training state, split over every process, is more than the
+    device's memory; a dry run says the same, and nothing is written."""
+    out = used_out_dir(finished, tmp_path)
+    before = snapshot(tmp_path)
+    for extra in ([], ['--dry_run']):
+        r = train([*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}', arg, *extra], timeout=120)
+        assert contract(r.returncode, r.stderr) == '' and 'parameters: training them needs at least' in r.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize('kw', [
+    dict(), dict(n_experts=1), dict(moe_first_dense=1, moe_every=2, n_layer=5), dict(n_shared_experts=2, shared_expert_gate=True),
+    dict(tie_embeddings=False, position='rope', norm='rmsnorm', activation='swiglu', bias=False, granularity=2),
+    dict(router='sigmoid', n_group=2, topk_group=1, qk_norm='head', n_kv_head=1, dense_hidden=48, moe_first_dense=2),
+], ids=['moe', 'dense', 'first_dense+every', 'shared', 'llama-like', 'grouped+gqa'])
+def test_count_params_equals_the_built_model(kw):
+    """train_config.count_params (two blocks on the meta device, times their counts) against the whole
+    model built on the meta device and counted."""
+    import torch
+    import train_config
+    from model import MoEGPT, MoEGPTConfig
+    cfg = MoEGPTConfig(**{**dict(n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=65, n_experts=4, top_k=2), **kw})
+    with torch.device('meta'):
+        built = sum(p.numel() for p in MoEGPT(cfg).parameters())
+    assert train_config.count_params(cfg) == built
+
+
+def test_a_move_aside_cut_half_way_is_finished_whole_by_the_next_run(tmp_path, monkeypatch):
+    """A crash in the middle of moving an earlier run aside used to leave it split (some files in prev-run-1,
+    the rest moved to prev-run-2 by the next run). The files now go to .prev-run-N.moving, renamed whole at
+    the end; the next fresh run moves the rest into that same folder."""
+    out = tmp_path / 'out'
+    (out / 'prev-run-1').mkdir(parents=True)  # an older run, moved aside before: never touched
+    (out / 'prev-run-1' / 'ckpt.pt').write_bytes(b'oldest')
+    run = {'ckpt.pt': b'A', 'ckpt-4.pt': b'B', 'ckpt-6.pt': b'C', 'log.jsonl': b'D', 'config.json': b'E'}
+    for f, data in run.items():
+        (out / f).write_bytes(data)
+    real, moved = os.replace, []
+
+    def crash_after_two(src, dst):
+        if len(moved) == 2:
+            raise KeyboardInterrupt('killed half-way')
+        moved.append(src)
+        real(src, dst)
+    monkeypatch.setattr(checkpoint.os, 'replace', crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.move_previous_run(str(out))
+    monkeypatch.setattr(checkpoint.os, 'replace', real)
+    assert len(moved) == 2 and '.prev-run-2.moving' in checkpoint.previous_run(str(out))  # the next run sees it
+    assert checkpoint.move_previous_run(str(out)) == str(out / 'prev-run-2')
+    assert snapshot(out / 'prev-run-2') == run and snapshot(out / 'prev-run-1') == {'ckpt.pt': b'oldest'}
+    assert sorted(os.listdir(out)) == ['prev-run-1', 'prev-run-2'] and checkpoint.previous_run(str(out)) == []

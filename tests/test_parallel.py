@@ -1,7 +1,9 @@
-"""Expert parallelism, DDP with EP, FSDP2 (parallel.py) on 2 CPU processes with gloo.
+"""Expert parallelism, DDP with EP, FSDP2 (parallel.py) on 2 and on 4 CPU processes with gloo.
 
-One torchrun launch (tests/parallel_worker.py) runs every check beside the single-process model on the
-same weights and global batch and records the measured differences; the tests below assert on them.
+One torchrun launch per world size (tests/parallel_worker.py) runs every check beside the single-process
+model on the same weights and global batch and records the measured differences; the tests below assert
+on them. 4 ranks add the layouts 2 cannot have: EP=4, EP=2 x DP=2 (expert replicas), FSDP2 x EP=2, and
+DDP x 4 with gradient accumulation.
 """
 import json
 import math
@@ -17,16 +19,26 @@ WORKER = REPO / 'tests' / 'parallel_worker.py'
 FP32_TOL = 1e-5  # relative, for one forward/backward in fp32
 
 
-@pytest.fixture(scope='module')
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp('parallel') / 'results.json'
+def launch(tmp_path_factory, nproc):
+    out = tmp_path_factory.mktemp(f'parallel{nproc}') / 'results.json'
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(WORKER), str(out)]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(WORKER),
+           str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and out.is_file(), f'torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
     res = json.loads(out.read_text())
     print(json.dumps({k: v for k, v in res.items() if k != 'train'}, indent=1))
     return res
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    return launch(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope='module')
+def results4(tmp_path_factory):
+    return launch(tmp_path_factory, 4)
 
 
 def ok(res, name):
@@ -37,16 +49,19 @@ def ok(res, name):
 
 @pytest.mark.parametrize('name', ['ep_dropless', 'ep_capacity', 'ep_skewed', 'ep1_replicas'])
 def test_ep_forward_backward_equal_single_process(results, name):
-    r = ok(results, name)
+    check_ep_forward_backward(ok(results, name), name, experts_per_rank=4)
+
+
+def check_ep_forward_backward(r, name, experts_per_rank):
     assert r['logits_rel'] <= FP32_TOL, r
     assert r['loss_abs'] <= FP32_TOL * r['loss'], r
     assert r['grad_rel'] <= FP32_TOL, r  # every parameter; expert shards against their slice
     assert r['n_params'] >= 20
     assert r['counts_diff'] == 0  # same routing, same stats
     assert r['num_params_diff'] == 0  # get_num_params counts every expert, local or not
-    if name == 'ep_capacity':
+    if name.endswith('capacity'):
         assert r['drop_frac'] > 0.05, 'capacity mode must actually drop rows here'
-        assert r['experts_per_rank'] == 4
+        assert r['experts_per_rank'] == experts_per_rank
     else:
         assert r['drop_frac'] == 0
     if name == 'ep_skewed':  # experts 2, 3 (all of rank 1's) get nothing: zero-row all-to-all
@@ -57,8 +72,11 @@ def test_ep_forward_backward_equal_single_process(results, name):
 
 
 def test_ep_training_run_matches_single_process(results):
-    r = ok(results, 'train')
-    assert len(r['ep_losses']) == 5
+    check_ep_training(ok(results, 'train'), steps=5)
+
+
+def check_ep_training(r, steps):
+    assert len(r['ep_losses']) == steps
     for a, b in zip(r['ep_losses'], r['ref_losses']):
         assert math.isfinite(a) and abs(a - b) <= 1e-5, (r['ep_losses'], r['ref_losses'])
     for a, b in zip(r['ep_norms'], r['ref_norms']):  # the global grad norm, shards included
@@ -70,7 +88,10 @@ def test_ep_training_run_matches_single_process(results):
 
 
 def test_checkpoint_ep2_to_ep1_and_back(results):
-    r = ok(results, 'train')
+    check_checkpoint_ep2_to_ep1_and_back(ok(results, 'train'))
+
+
+def check_checkpoint_ep2_to_ep1_and_back(r):
     assert r['keys_match'], 'full_state_dict must have the single-process keys and shapes'
     assert r['ep2_to_1_logits_abs'] <= 1e-6 and r['ep1_to_2_logits_abs'] <= 1e-6, r
     # model + AdamW moments resumed with the other EP size: the next steps are the same
@@ -80,7 +101,10 @@ def test_checkpoint_ep2_to_ep1_and_back(results):
 
 @pytest.mark.parametrize('mode', ['fsdp', 'fsdp_ep'])
 def test_fsdp2_trains_like_single_process(results, mode):
-    r = ok(results, 'fsdp')[mode]
+    check_fsdp2_training(ok(results, 'fsdp')[mode], mode)
+
+
+def check_fsdp2_training(r, mode):
     assert all(math.isfinite(x) for x in r['losses'])
     assert r['loss_abs'] <= 1e-5, (r['losses'], r['ref_losses'])
     assert r['param_abs'] <= 1e-3
@@ -97,6 +121,44 @@ def test_fsdp2_trains_like_single_process(results, mode):
     else:
         assert r['plain_params'] == 0
         assert r['param_groups'] == 2
+
+
+# ----------------------------------------------------------------------------- 4 ranks
+@pytest.mark.parametrize('name', ['ep4_dropless', 'ep4_capacity', 'ep2_dp2'])
+def test_4_ranks_ep_forward_backward_equal_single_process(results4, name):
+    """EP=4 (1 expert per rank; with capacity, 8 experts: 2 per rank and drops), and EP=2 x DP=2: two EP
+    groups [0, 1], [2, 3], each expert on 2 replicas whose gradients are reduced over the replica group."""
+    check_ep_forward_backward(ok(results4, name), name, experts_per_rank=2)
+    if name == 'ep2_dp2':
+        assert ok(results4, name)['experts_per_rank'] == 2  # 4 experts over an EP group of 2
+
+
+def test_4_ranks_ep2_dp2_training_and_checkpoints_match_single_process(results4):
+    """EP=2 x DP=2 with DDP on the dense parameters, gradient accumulation (2 micro-steps per rank) and
+    clipping: the single-process losses and norms; its checkpoint resumes in one process and back."""
+    r = ok(results4, 'train')
+    check_ep_training(r, steps=3)
+    check_checkpoint_ep2_to_ep1_and_back(r)
+
+
+@pytest.mark.parametrize('mode', ['fsdp', 'fsdp_ep'])
+def test_4_ranks_fsdp2_and_fsdp2_x_ep2_train_like_single_process(results4, mode):
+    """FSDP2 sharded over 4 ranks, and FSDP2 x EP=2 (FSDP over all 4 for the dense parameters, experts in
+    EP groups of 2 with replicas)."""
+    check_fsdp2_training(ok(results4, 'fsdp')[mode], mode)
+
+
+def test_4_ranks_ddp_with_gradient_accumulation_matches_single_process(results4):
+    """Plain DDP x 4, 2 micro-steps per rank (all-reduce on the last only): the single process's losses,
+    global grad norms and weights after 3 AdamW steps."""
+    r = ok(results4, 'ddp_ga')
+    assert len(r['losses']) == 3 and r['ref_losses'][0] != r['ref_losses'][-1]
+    for a, b in zip(r['losses'], r['ref_losses']):
+        assert math.isfinite(a) and abs(a - b) <= 1e-5, (r['losses'], r['ref_losses'])
+    for a, b in zip(r['norms'], r['ref_norms']):
+        assert abs(a - b) <= 1e-5 * b, (r['norms'], r['ref_norms'])
+    assert max(r['ref_norms']) > 0.2, 'clipping (grad_clip=0.2) should engage in this run'
+    assert r['param_abs'] <= 1e-3, r['param_abs']
 
 
 def test_clear_errors(results):

