@@ -2,6 +2,16 @@
 Checkpoint files, shared by train.py and sample.py; save_run / restore_run are train.py's whole-run
 state (model, AdamW, GradScaler, RNGs, the data sampler), for any number of processes.
 
+Two formats (train.py's ckpt_format, docs/reliability.md):
+  single  out_dir/ckpt.pt: one torch.save file; with EP/FSDP the shards are gathered to rank 0 first.
+  dcp     out_dir/ckpt.dcp: torch.distributed.checkpoint, every rank writes its own shard, nothing is
+          gathered. ckpt.dcp is a symlink to the directory ckpt-<iter>.dcp (written as a temp directory,
+          renamed, then the link swapped: atomic like the single file). Loading reshards: any number of
+          processes, any expert_parallel / fsdp layout, or one process (sample.py, export.py, compare.py).
+  `python checkpoint.py --to-single out/ckpt.dcp out/ckpt.pt` (and `--to-dcp` back) converts.
+Both record checksums (crc32) at save: of every tensor in the single file, of every file of a DCP
+directory (checksums.json); load verifies them and a mismatch is a CheckpointError naming the file.
+
 Saving is atomic: the checkpoint is written to a temp file in the same directory, fsynced, and
 renamed over the target (os.replace is atomic on POSIX), so a crash mid-save leaves the previous
 checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint holds only tensors and
@@ -13,13 +23,17 @@ Test-only hook: MOEGPT_TEST_SAVE_DELAY=seconds sleeps after the temp file is com
 rename, so a test can kill -9 the process in the middle of a save (unset: no cost).
 """
 import glob
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+import sys
 import time
 import uuid
+import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -27,6 +41,7 @@ import torch
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('format_version', 'model', 'model_args')
 TEMP_GLOB = '.*.pt.*.tmp'  # what an interrupted save() or keep_history() leaves behind
+DCP_TEMP_GLOB = '.*.dcp*.tmp'  # what an interrupted DCP save leaves behind: a directory (or a link)
 
 
 class CheckpointError(Exception):
@@ -85,7 +100,7 @@ def keep_history(path, iter_num, keep_last):
 
 
 # What a run leaves in its out_dir (train.py, metrics.py); a fresh run moves all of it aside, never a part
-RUN_FILES = re.compile(r'ckpt(-\d+)?\.pt|config\.json|log\.jsonl(\.prev|\.tmp)?|expert_usage\.png')
+RUN_FILES = re.compile(r'ckpt(-\d+)?\.(pt|dcp)|config\.json|log\.jsonl(\.prev|\.tmp)?|expert_usage\.png')
 
 
 def previous_run(out_dir):
@@ -124,19 +139,94 @@ def move_previous_run(out_dir):
 
 
 def remove_stale_temps(out_dir):
-    """Delete the temp files of saves that were killed before their rename; returns their paths."""
-    stale = sorted(glob.glob(os.path.join(out_dir, TEMP_GLOB)))
+    """Delete what saves killed before their rename left behind (temp files, DCP temp directories);
+    returns their paths. Never the directory ckpt.dcp points to (see _commit_dcp)."""
+    live = os.path.realpath(os.path.join(out_dir, 'ckpt.dcp'))
+    found = glob.glob(os.path.join(out_dir, TEMP_GLOB)) + glob.glob(os.path.join(out_dir, DCP_TEMP_GLOB))
+    stale = sorted(f for f in found if os.path.islink(f) or os.path.realpath(f) != live)
     for f in stale:
-        os.remove(f)
+        shutil.rmtree(f) if os.path.isdir(f) and not os.path.islink(f) else os.remove(f)
     return stale
 
 
-def load(path, map_location='cpu'):
-    """Load and sanity-check a checkpoint dict; any failure becomes a CheckpointError."""
+# ----------------------------------------------------------------------------- checksums
+
+def _crc(t):
+    """crc32 of a tensor's bytes (on the CPU; any dtype)."""
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_checksums(obj, prefix=''):
+    """{path: crc32} of every tensor in a nested dict / list / tuple; a path joins the keys with '/'."""
+    if torch.is_tensor(obj):
+        return {prefix: _crc(obj)}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out = {}
+    for k, v in items:
+        out.update(tensor_checksums(v, f'{prefix}/{k}' if prefix else str(k)))
+    return out
+
+
+def file_crc(path):
+    crc = 0
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _way_back(path):
+    """Advice for a corrupted checkpoint: the newest kept checkpoint (keep_last) that is another one."""
+    d, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    real = os.path.realpath(path)
+    pattern = re.compile(re.escape(stem) + r'-(\d+)' + re.escape(ext))
+    kept = sorted((int(m.group(1)), f) for f in os.listdir(d) if (m := pattern.fullmatch(f))
+                  and not os.path.samefile(os.path.join(d, f), real))
+    if not kept:
+        return 'no earlier checkpoint was kept (keep_last=N keeps the N newest)'
+    prev = os.path.join(d, kept[-1][1])
+    how = f'ln -sfn {kept[-1][1]} {path}' if ext == '.dcp' else f'cp {prev} {path}'
+    return f'the previous kept checkpoint is {prev} (iter {kept[-1][0]}): `{how}` resumes from it'
+
+
+def _corrupt(path, detail='', ckpt_path=None):
+    return CheckpointError(f'checksum mismatch in {path}{detail}: the checkpoint is corrupted; '
+                           + _way_back(ckpt_path or path))
+
+
+def _verify_tensors(ckpt, path):
+    if 'checksums' not in ckpt:  # written before checksums existed: nothing to compare with
+        return
+    got = tensor_checksums({k: v for k, v in ckpt.items() if k != 'checksums'})
+    bad = [k for k in sorted(set(got) | set(ckpt['checksums'])) if got.get(k) != ckpt['checksums'].get(k)]
+    if bad:
+        raise _corrupt(path, f' (tensor {bad[0]})')
+
+
+# ----------------------------------------------------------------------------- load
+
+def load(path, map_location='cpu', tensors=True):
+    """Load and sanity-check a checkpoint dict (ckpt.pt, or a ckpt.dcp directory: see load_dcp); any
+    failure, a checksum mismatch included, becomes a CheckpointError."""
+    path = os.fspath(path)
+    if path.endswith('.dcp') or os.path.isdir(path):
+        return load_dcp(path, tensors, map_location)
     if not os.path.isfile(path):
         raise CheckpointError(f'no checkpoint at {path}')
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(f'{path} is not a moe-gpt checkpoint (expected a dict with {REQUIRED_KEYS})')
+    if ckpt['format_version'] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version={ckpt['format_version']!r}; "
+                              f'this code reads format_version={FORMAT_VERSION}')
+    _verify_tensors(ckpt, path)
+    return ckpt
+
+
+def _torch_load(path, map_location='cpu'):
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         found = re.search(r'GLOBAL (\S+)', str(e))
         if isinstance(e, pickle.UnpicklingError) and found:  # weights_only refused to import a global:
@@ -151,12 +241,31 @@ def load(path, map_location='cpu'):
         first = (lines or [''])[0][:200]
         raise CheckpointError(f'cannot read checkpoint {path} (truncated or corrupted?): '
                               f'{type(e).__name__}: {first}') from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise CheckpointError(f'{path} is not a moe-gpt checkpoint (expected a dict with {REQUIRED_KEYS})')
-    if ckpt['format_version'] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format_version={ckpt['format_version']!r}; "
-                              f'this code reads format_version={FORMAT_VERSION}')
-    return ckpt
+
+
+def latest(out_dir):
+    """The checkpoint a resume reads: ckpt.pt or ckpt.dcp, whichever was saved last (a run can switch
+    ckpt_format); ckpt.pt when there is neither (for the message)."""
+    found = [(os.path.getmtime(p), p) for p in (os.path.join(out_dir, 'ckpt.pt'), _dcp_run_file(out_dir))
+             if p and os.path.isfile(p)]
+    if not found:
+        return os.path.join(out_dir, 'ckpt.pt')
+    newest = max(found)[1]
+    return newest if newest.endswith('ckpt.pt') else os.path.join(out_dir, 'ckpt.dcp')
+
+
+def _dcp_run_file(out_dir):
+    try:
+        return os.path.join(resolve_dcp(os.path.join(out_dir, 'ckpt.dcp')), 'run.pt')
+    except CheckpointError:
+        return None
+
+
+def path_for(out_dir, ckpt_format, sharded):
+    """Where train.py saves: 'auto' is dcp when the state is sharded (EP, FSDP: nothing is gathered),
+    else single."""
+    dcp = ckpt_format == 'dcp' or (ckpt_format == 'auto' and sharded)
+    return os.path.join(out_dir, 'ckpt.dcp' if dcp else 'ckpt.pt')
 
 
 def strip_compile_prefix(state_dict):
@@ -185,26 +294,46 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+# ----------------------------------------------------------------------------- train.py's save / resume
+
 def save_run(path, model, optimizer, state, keep_last=1, sharded=False, master=True):
-    """train.py's save. Every rank calls it: with sharded state (EP, FSDP) the full model and optimizer
-    are gathered (a collective). Rank 0 writes path atomically: the model, the optimizer and `state`
-    (iter_num, configs, scaler, RNGs, ...), then keeps the keep_last newest."""
+    """train.py's save. Every rank calls it. path ckpt.dcp: save_dcp_run, every rank writes its shard.
+    ckpt.pt: with sharded state (EP, FSDP) the full model and optimizer are gathered (a collective);
+    rank 0 writes path atomically: the model, the optimizer and `state` (iter_num, configs, scaler, RNGs,
+    ...) with the checksums of every tensor, then keeps the keep_last newest."""
+    if os.fspath(path).endswith('.dcp'):
+        return save_dcp_run(path, model, optimizer, state, keep_last)
     if sharded:
         import parallel
         model_sd, optim_sd = parallel.full_state_dict(model), parallel.full_optim_state_dict(model, optimizer)
     elif master:
         model_sd, optim_sd = strip_compile_prefix(model.state_dict()), optimizer.state_dict()
     if master:
-        save({'format_version': FORMAT_VERSION, 'model': model_sd, 'optimizer': optim_sd, **state}, path)
+        obj = {'format_version': FORMAT_VERSION, 'model': model_sd, 'optimizer': optim_sd, **state}
+        save(dict(obj, checksums=tensor_checksums(obj)), path)
         keep_history(path, state['iter_num'], keep_last)
+
+
+def load_model(model, ckpt):
+    """Resume's first step, on the full model before it is sharded; a DCP checkpoint's weights are read
+    by restore_run instead, straight into this rank's shards."""
+    if 'model' in ckpt:
+        model.load_state_dict(strip_compile_prefix(ckpt['model']))
 
 
 def restore_run(ckpt, model, optimizer, scaler, data_gen, sharded=False, reseed=None):
     """train.py's resume, after the model's weights are loaded and sharded and its optimizer built:
     AdamW (the checkpoint holds the full state, whatever number of processes saved it), the GradScaler,
-    the data sampler, and the RNGs. Only rank 0's RNGs are saved: reseed (the other ranks) seeds fresh
-    dropout streams instead."""
-    if sharded:
+    the data sampler, and the RNGs. A single file holds only rank 0's RNGs: reseed (the other ranks)
+    seeds fresh dropout streams instead. A DCP checkpoint holds every rank's: each rank restores its own
+    when the world size is the one that saved (else as the single file)."""
+    rank, world = _rank_world()
+    if ckpt.get('ckpt_format') == 'dcp':
+        import parallel
+        parallel.dcp_load(model, optimizer, ckpt['_dir'], ckpt['optim_groups'], _SafeReader(ckpt['_dir']))
+        if len(ckpt['rng_by_rank']) == world:
+            reseed, ckpt['rng'] = None, ckpt['rng_by_rank'][rank]
+    elif sharded:
         import parallel
         parallel.load_full_optim_state_dict(model, optimizer, ckpt['optimizer'])
     else:
@@ -216,3 +345,318 @@ def restore_run(ckpt, model, optimizer, scaler, data_gen, sharded=False, reseed=
         set_rng_state(ckpt['rng'])
     else:
         torch.manual_seed(reseed)
+
+
+# ----------------------------------------------------------------------------- DCP: sharded checkpoints
+# A DCP checkpoint directory holds: DCP's .metadata and __<rank>_<n>.distcp shard files (the tensors,
+# keys 'model.<name>' and 'optim.<param name>.<exp_avg|exp_avg_sq|step>', single-process names and
+# global shapes: parallel.dcp_state_dict), run.pt (everything else: iter_num, configs, scaler, sampler,
+# every rank's RNGs, AdamW's param groups; weights_only-loadable) and checksums.json (crc32 of each file).
+
+def _rank_world():
+    import torch.distributed as dist
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+
+def _barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj):
+    """All ranks' obj (tensors and plain values) on rank 0 (a list), None elsewhere; [obj] in one
+    process. Sent as torch.save bytes, read back with weights_only (gather_object chokes on tensors)."""
+    import io
+    import torch.distributed as dist
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(buf.getvalue(), out, dst=0)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out] if rank == 0 else None
+
+
+def _fsync_dir(d):
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+class _SafeReader:
+    """A torch.distributed.checkpoint.FileSystemReader whose .metadata (a pickle) is read by a restricted
+    unpickler: DCP's own reader uses pickle.load, which could run code; here only DCP's metadata
+    classes, dtypes and plain values load."""
+
+    def __new__(cls, path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        class SafeReader(FileSystemReader):
+            def read_metadata(self, *args, **kwargs):
+                return _safe_metadata(os.path.join(path, '.metadata'), self)
+        return SafeReader(path)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle, restricted to what DCP's metadata is made of (Python's "restricting globals" recipe)."""
+
+    def find_class(self, module, name):
+        ok = (module.startswith('torch.distributed.checkpoint.') and isinstance(getattr(
+            sys.modules.get(module), name, None), type)) or (module, name) == ('collections', 'OrderedDict') or (
+            module == 'torch' and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))) or (
+            module, name) in (('torch', 'Size'), ('torch.serialization', '_get_layout'), ('pathlib', 'PosixPath'))
+        if not ok:
+            raise pickle.UnpicklingError(f'refused to import {module}.{name}')
+        return super().find_class(module, name)
+
+
+def _safe_metadata(path, reader):
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 (the classes find_class allows)
+    import torch.distributed.checkpoint.metadata as md
+    try:
+        with open(path, 'rb') as f:
+            metadata = _MetadataUnpickler(f).load()
+    except Exception as e:
+        raise CheckpointError(f'cannot read checkpoint {path} (DCP metadata): {type(e).__name__}: '
+                              f'{str(e).splitlines()[0][:200] if str(e) else ""}') from None
+    if getattr(metadata, 'storage_meta', None) is None:
+        metadata.storage_meta = md.StorageMeta()
+    metadata.storage_meta.load_id = reader.load_id
+    return metadata
+
+
+def save_dcp_run(path, model, optimizer, state, keep_last=1):
+    """Every rank writes its own shards of the model and AdamW with torch.distributed.checkpoint into
+    a temp directory (nothing is gathered but each rank's RNG state and checksums, a few KB); rank 0
+    then writes run.pt and checksums.json and commits it (_commit_dcp). Collective."""
+    import torch.distributed.checkpoint as dcp
+    import parallel
+    rank, world = _rank_world()
+    tmp = _dcp_temp(path, state['iter_num'])
+    rngs = _gather(state['rng'])
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed at this same iter
+        os.makedirs(tmp)
+    _barrier()
+    sd, groups = parallel.dcp_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=world == 1)
+    mine = {f: file_crc(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.startswith(f'__{rank}_')}
+    sums = _gather(mine)
+    if rank == 0:
+        run = {'format_version': FORMAT_VERSION, 'ckpt_format': 'dcp', **state, 'rng_by_rank': rngs,
+               'optim_groups': groups, 'world_size': len(rngs)}
+        _write_dcp_extras(tmp, run, sums)
+        _commit_dcp(tmp, path, state['iter_num'], keep_last)
+    _barrier()  # no rank goes on (or exits) before the checkpoint is committed
+
+
+def _dcp_temp(path, iter_num):
+    d, name = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f'.{os.path.splitext(name)[0]}-{iter_num}.dcp.tmp')
+
+
+def _write_dcp_extras(tmp, run, sums):
+    """run.pt, then checksums.json of every file in tmp (the shards', gathered, and the rest's), last."""
+    save(run, os.path.join(tmp, 'run.pt'))
+    crcs = {k: v for s in sums for k, v in s.items()}
+    for f in os.listdir(tmp):
+        if f not in crcs:
+            crcs[f] = file_crc(os.path.join(tmp, f))
+    with open(os.path.join(tmp, 'checksums.json'), 'w') as f:
+        json.dump({'crc32': dict(sorted(crcs.items()))}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def _commit_dcp(tmp, path, iter_num, keep_last=None):
+    """Make the complete temp directory tmp the checkpoint at path: rename it to <stem>-<iter>.dcp, then
+    point the symlink path at it (os.replace of a link is atomic): at every moment path is the previous
+    checkpoint or the new one, never a partial one. keep_last: the newest directories kept (None: all)."""
+    d, name = os.path.split(os.path.abspath(path))
+    stem = os.path.splitext(name)[0]
+    final = os.path.join(d, f'{stem}-{iter_num}.dcp')
+    if os.environ.get('MOEGPT_TEST_SAVE_DELAY'):  # test hook: a window to kill -9 a save in
+        time.sleep(float(os.environ['MOEGPT_TEST_SAVE_DELAY']))
+    if os.path.isdir(path) and not os.path.islink(path):  # a plain directory (copied by hand): keep it aside
+        os.replace(path, os.path.join(d, f'{stem}-{iter_num}.dcp.replaced'))
+    old = None
+    if os.path.lexists(final):  # a second save at this iter (a preemption save, then that iter's eval)
+        if os.path.realpath(path) == os.path.realpath(final):
+            _link(path, os.path.basename(tmp))  # the link moves to the new checkpoint before the old one goes
+        old = os.path.join(d, f'.{stem}-{iter_num}.dcp.old.tmp')
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)  # a link to tmp now dangles until the next line: resolve_dcp reads final then
+    _link(path, os.path.basename(final))
+    _fsync_dir(d)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep_last:
+        pattern = re.compile(re.escape(stem) + r'-(\d+)\.dcp')
+        kept = sorted((int(m.group(1)), f) for f in os.listdir(d) if (m := pattern.fullmatch(f)))
+        for _, f in kept[:-keep_last]:
+            shutil.rmtree(os.path.join(d, f))
+
+
+def _link(path, target):
+    d, name = os.path.split(path)
+    tmp_link = os.path.join(d, f'.{name}.{os.getpid()}.link.tmp')
+    os.symlink(target, tmp_link)
+    os.replace(tmp_link, path)
+
+
+def resolve_dcp(path):
+    """The directory a ckpt.dcp path names (the link's target, or itself), or a CheckpointError."""
+    if os.path.islink(path) and not os.path.exists(path):  # killed between _commit_dcp's two renames
+        m = re.fullmatch(r'\.(.+-\d+\.dcp)\.tmp', os.path.basename(os.readlink(path)))
+        if m and os.path.isdir(os.path.join(os.path.dirname(path), m.group(1))):
+            return os.path.join(os.path.dirname(path), m.group(1))
+    if not os.path.isdir(path):
+        raise CheckpointError(f'no checkpoint at {path}')
+    return os.path.realpath(path)
+
+
+def verify_dcp(path, d, part=None):
+    """Compare the files of DCP directory d with checksums.json: part=(rank, world) checks every
+    world-th file from the rank-th (the ranks share the reading), None all of them."""
+    try:
+        with open(os.path.join(d, 'checksums.json')) as f:
+            crcs = json.load(f)['crc32']
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f'cannot read checkpoint {path}: {d}/checksums.json is missing or corrupted '
+                              f'({type(e).__name__}); ' + _way_back(path)) from None
+    names = sorted(crcs)
+    for f in names if part is None else names[part[0]::part[1]]:
+        p = os.path.join(d, f)
+        if not os.path.isfile(p):
+            raise CheckpointError(f'checkpoint {path} is incomplete: {p} is missing; ' + _way_back(path))
+        if file_crc(p) != crcs[f]:
+            raise _corrupt(p, '', path)
+
+
+def load_dcp(path, tensors=True, map_location='cpu'):
+    """A DCP checkpoint as the single file's dict. Its checksums are verified (under torchrun each rank
+    verifies its share of the files: RANK / WORLD_SIZE; in one process all of them), run.pt read.
+    tensors=False: that alone (train.py: restore_run reads the shards into this rank's layout), 'model':
+    plus the full model (sample.py, export.py), True: plus the full AdamW state (conversion)."""
+    d = resolve_dcp(path)
+    full = bool(tensors)
+    verify_dcp(path, d, None if full else (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))))
+    run = _torch_load(os.path.join(d, 'run.pt'), map_location)
+    if not isinstance(run, dict) or run.get('ckpt_format') != 'dcp' or 'model_args' not in run:
+        raise CheckpointError(f'{path} is not a moe-gpt DCP checkpoint (no run state in run.pt)')
+    if run['format_version'] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version={run['format_version']!r}; "
+                              f'this code reads format_version={FORMAT_VERSION}')
+    run['_dir'], run['rng'] = d, run['rng_by_rank'][0]
+    if tensors:
+        flat = read_dcp_full(d, 'model.' if tensors == 'model' else '')
+        run['model'] = {k[6:]: v.to(map_location) for k, v in flat.items() if k.startswith('model.')}
+        if tensors != 'model':
+            run['optimizer'] = _full_optim(flat, run['optim_groups'])
+    return run
+
+
+def read_dcp_full(d, prefix=''):
+    """Every tensor of DCP directory d whose key starts with prefix, whole (one process, any layout)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    reader = _SafeReader(d)
+    meta = reader.read_metadata()
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+          if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+            dcp.load(sd, storage_reader=reader, no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f'cannot read checkpoint {d}: {type(e).__name__}: {str(e)[:300]}') from None
+    return sd
+
+
+def _full_optim(flat, groups):
+    """The single-process optimizer.state_dict() from a DCP checkpoint's 'optim.<name>.<key>' tensors and
+    its param groups [(settings, [param names])] (parallel.full_optim_state_dict's layout)."""
+    names = [n for _, ns in groups for n in ns]
+    state = {}
+    for i, n in enumerate(names):
+        st = {k[len(n) + 7:]: v for k, v in flat.items() if k.startswith(f'optim.{n}.') and '.' not in k[len(n) + 7:]}
+        if st:
+            state[i] = st
+    param_groups, start = [], 0
+    for settings, ns in groups:
+        param_groups.append(dict(settings, params=list(range(start, start + len(ns)))))
+        start += len(ns)
+    return {'state': state, 'param_groups': param_groups}
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def to_single(src, dst):
+    """A DCP checkpoint (any layout) -> one ckpt.pt file, in one process."""
+    ckpt = load(src, tensors=True)
+    for k in ('_dir', 'ckpt_format', 'optim_groups', 'world_size', 'rng_by_rank'):
+        ckpt.pop(k, None)
+    save(dict(ckpt, checksums=tensor_checksums(ckpt)), dst)
+
+
+def to_dcp(src, dst):
+    """One ckpt.pt file -> a DCP checkpoint at dst (<stem>-<iter>.dcp plus the link dst), in one process:
+    the names of the optimizer's parameters come from the model the checkpoint describes (built on the
+    meta device, nothing allocated) and optim.configure_optimizers, as a resume would build them."""
+    import torch.distributed.checkpoint as dcp
+    import optim
+    import parallel
+    from model import MoEGPT, MoEGPTConfig
+    ckpt = load(src)
+    if os.path.lexists(dst):
+        raise CheckpointError(f'{dst} exists: convert to a new name, or move it away first')
+    with torch.device('meta'):
+        model = MoEGPT(MoEGPTConfig(**ckpt['model_args']))
+    c = ckpt['config']
+    opt = optim.configure_optimizers(model, c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']), 'meta')
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for _, ps in parallel._canonical_groups(model, opt) for p in ps]
+    osd = ckpt['optimizer']
+    sd = {f'model.{k}': v for k, v in strip_compile_prefix(ckpt['model']).items()}
+    for i, st in osd['state'].items():
+        sd.update({f'optim.{order[int(i)]}.{k}': v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()})
+    groups = [({k: v for k, v in g.items() if k != 'params'}, [order[i] for i in g['params']])
+              for g in osd['param_groups']]
+    tmp = _dcp_temp(dst, ckpt['iter_num'])
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=True)
+    state = {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer', 'checksums', 'rng')}
+    _write_dcp_extras(tmp, dict(state, ckpt_format='dcp', rng_by_rank=[ckpt['rng']], optim_groups=groups,
+                                world_size=1), [])
+    _commit_dcp(tmp, dst, ckpt['iter_num'])
+
+
+if __name__ == '__main__':
+    import argparse
+    ap = argparse.ArgumentParser(prog='checkpoint.py', description='Convert a checkpoint between the two '
+                                 'formats (docs/reliability.md): DCP directory <-> single file.')
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument('--to-single', nargs=2, metavar=('SRC_DCP', 'DST_PT'), help='e.g. out/ckpt.dcp out/ckpt.pt')
+    mode.add_argument('--to-dcp', nargs=2, metavar=('SRC_PT', 'DST_DCP'), help='e.g. out/ckpt.pt out/ckpt.dcp')
+    a = ap.parse_args()
+    try:
+        (to_single(*a.to_single) if a.to_single else to_dcp(*a.to_dcp))
+    except CheckpointError as e:
+        print(f'checkpoint.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'wrote {(a.to_single or a.to_dcp)[1]}')

@@ -237,7 +237,7 @@ def eval_noise(out_dir, draws, device='cpu'):
         cfg = json.load(f)
     meta = load_meta(cfg['data_dir'], cfg['dataset'])
     data = np.memmap(os.path.join(cfg['data_dir'], cfg['dataset'], 'val.bin'), dtype=meta['dtype'], mode='r')
-    ckpt = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
+    ckpt = checkpoint.load(checkpoint.latest(out_dir), tensors='model')  # ckpt.pt or ckpt.dcp
     model = MoEGPT(MoEGPTConfig(**ckpt['model_args']))
     model.load_state_dict(checkpoint.strip_compile_prefix(ckpt['model']))
     model.to(device).eval()

@@ -26,7 +26,7 @@ import cli
 import configurator
 
 # -----------------------------------------------------------------------------
-out_dir = 'out-moe-8e'  # the training run: out_dir/ckpt.pt
+out_dir = 'out-moe-8e'  # the training run: out_dir/ckpt.pt or ckpt.dcp
 to = ''  # the directory to write
 family = 'auto'  # auto (the one that fits) | gpt2 | llama | qwen2 | qwen3 | mixtral | olmoe | qwen2_moe | qwen3_moe
 format = 'hf'  # hf (transformers' format) | native (moe-gpt's own, for models no HF class computes)
@@ -67,8 +67,8 @@ def parse(argv):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         fail(f'--to={to}: {parent} is not a writable folder')
-    if not os.path.isfile(os.path.join(c['out_dir'], 'ckpt.pt')):
-        fail(f"no checkpoint at {os.path.join(c['out_dir'], 'ckpt.pt')}: --out_dir names a training run's folder")
+    if not os.path.exists(checkpoint.latest(c['out_dir'])):
+        fail(f"no checkpoint at {checkpoint.latest(c['out_dir'])}: --out_dir names a training run's folder")
     import hf  # after the arguments: --help works without transformers
     if c['family'] != 'auto' and c['family'] not in hf.FAMILIES:
         fail(f"family={c['family']!r} must be 'auto' or one of {', '.join(hf.FAMILIES)}")
@@ -80,9 +80,9 @@ def main(argv=None):
     out_dir, to, family, format, check = c['out_dir'], c['to'], c['family'], c['format'], c['check']
     import hf
     from model import MoEGPT, MoEGPTConfig
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    ckpt_path = checkpoint.latest(out_dir)  # ckpt.pt or ckpt.dcp, the newer
     try:
-        ckpt = checkpoint.load(ckpt_path)
+        ckpt = checkpoint.load(ckpt_path, tensors='model')
         model = MoEGPT(MoEGPTConfig(**ckpt['model_args']))
         model.load_state_dict(checkpoint.strip_compile_prefix(ckpt['model']))
     except checkpoint.CheckpointError as e:

@@ -28,9 +28,11 @@ over the W = world_size ranks, L = (1/W) sum_r L_r.
 The EP all_to_alls run on their own process group (init_expert_parallel creates it), never on the
 default group DDP uses, so the two never have to agree on an order of collectives.
 
-Checkpoints hold the full model whatever N: full_state_dict gathers the expert shards (same keys and
+Single-file checkpoints hold the full model whatever N: full_state_dict gathers the expert shards (same keys and
 shapes as the single-process model), load_full_state_dict slices them; full_optim_state_dict /
 load_full_optim_state_dict do the same for the AdamW moments, so a run resumes exactly with another N.
+DCP checkpoints gather nothing: dcp_state_dict / dcp_load give torch.distributed.checkpoint each rank's
+own shards under global names and shapes, and DCP reshards on load (checkpoint.py).
 
 FSDP2 (apply_fsdp): torch.distributed.fsdp.fully_shard on every Block, then on the root. It composes
 with EP: the expert shards are passed as ignored_params (FSDP shards and reduces only the dense
@@ -39,6 +41,7 @@ reduce_expert_gradients as without FSDP. clip_grad_norm_ here computes the globa
 replicated, FSDP-sharded (DTensor) and EP-sharded gradients alike.
 """
 import os
+import warnings
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
@@ -454,6 +457,98 @@ def load_full_optim_state_dict(model, optimizer, osd):
     optimizer.load_state_dict({'state': state, 'param_groups': groups})
 
 
+# ----------------------------------------------------------------------------- DCP (sharded checkpoints)
+# torch.distributed.checkpoint writes each rank's shard and reshards on load when every tensor says
+# where it sits in the global tensor. FSDP2's DTensors do. EP's expert shards are plain tensors, so
+# they are presented as DTensors over a (replica, ep) mesh that mirrors init_expert_parallel's groups:
+# Shard(0) over the EP ranks (experts [r*E/N, (r+1)*E/N)), Replicate over the replicas (DCP writes one
+# copy). Keys are the single-process names, shapes global: any layout, or one process, reads any other.
+
+_EP_MESHES = {}
+
+
+def _ep_mesh(m, device_type):
+    """The (replica, ep) DeviceMesh of EP size m.ep_size: row g holds EP group g (ranks g*N..g*N+N-1),
+    column r the replica group of EP rank r. Created once (collective: the first call on every rank)."""
+    key = (device_type, m.ep_size)
+    if key not in _EP_MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+        world = dist.get_world_size()
+        _EP_MESHES[key] = init_device_mesh(device_type, (world // m.ep_size, m.ep_size),
+                                           mesh_dim_names=('replica', 'ep'))
+    return _EP_MESHES[key]
+
+
+def _global(t, m):
+    """DCP's view of t: an EP shard (m: its module) as a DTensor with the global expert count; else t."""
+    if m is None or _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    shape = torch.Size((m.n_experts_total, *t.shape[1:]))
+    return DTensor.from_local(t, _ep_mesh(m, t.device.type), [Replicate(), Shard(0)], run_check=False,
+                              shape=shape, stride=torch.empty(shape, device='meta').stride())
+
+
+def _expert_owner(raw):
+    """name -> its ExpertParallelExperts module (None for everything that is not an EP shard)."""
+    mods = dict(expert_parallel_modules(raw))
+
+    def owner(name):
+        mod, _, pn = name.rpartition('.')
+        return mods.get(mod) if pn in EXPERT_PARAM_NAMES else None
+    return owner
+
+
+def dcp_state_dict(model, optimizer=None):
+    """This rank's state for torch.distributed.checkpoint: {'model.<name>': tensor, 'optim.<param
+    name>.<exp_avg|exp_avg_sq|step>': tensor}, single-process names, the tensors this rank's own
+    (aliases, no copy; plain when replicated, DTensors when sharded), and AdamW's param groups as
+    [(settings, [param names])] in the single-process order (None without an optimizer)."""
+    raw = unwrap(model)
+    owner = _expert_owner(raw)
+    sd = {f'model.{k}': _global(v, owner(k)) for k, v in raw.state_dict().items()}
+    if optimizer is None:
+        return sd, None
+    names = {id(p): n for n, p in raw.named_parameters()}
+    for p, st in optimizer.state.items():
+        n = names[id(p)]
+        for k, v in st.items():
+            v = v if torch.is_tensor(v) else torch.tensor(v)
+            sd[f'optim.{n}.{k}'] = _global(v, owner(n)) if v.dim() else v
+    groups = [(settings, [names[id(p)] for p in ps]) for settings, ps in _canonical_groups(raw, optimizer)]
+    return sd, groups
+
+
+def dcp_load(model, optimizer, path, groups, reader):
+    """Load a DCP checkpoint (dcp_state_dict's keys, any saving layout) into this rank's model and AdamW,
+    in this rank's layout: DCP reads just the pieces this rank holds. groups: the saved param groups.
+    Collective under torchrun (every rank asks for the same keys); works in one process too."""
+    import torch.distributed.checkpoint as dcp
+    raw = unwrap(model)
+    owner = _expert_owner(raw)
+    saved = reader.read_metadata().state_dict_metadata
+    sd, _ = dcp_state_dict(raw)  # the model's own tensors: loaded in place
+    local_params = {}  # AdamW's state, fresh tensors of this rank's layout to load into
+    for n, p in raw.named_parameters():
+        for key in [k for k in saved if k.startswith(f'optim.{n}.') and '.' not in k[len(n) + 7:]]:
+            m = saved[key]
+            t = torch.zeros_like(p, dtype=m.properties.dtype) if len(m.size) else torch.zeros((), dtype=m.properties.dtype)
+            sd[key] = _global(t, owner(n)) if len(m.size) else t
+            local_params.setdefault(n, {})[key[len(n) + 7:]] = t
+    with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        dcp.load(sd, storage_reader=reader, no_dist=not dist.is_initialized())
+    raw.load_state_dict({k[6:]: v.to_local() if owner(k[6:]) else v for k, v in sd.items() if k.startswith('model.')})
+    params = {n: p for n, p in raw.named_parameters()}
+    actual = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g['params'])}
+    settings_of = {n: settings for settings, ns in groups for n in ns}
+    names = {id(p): n for n, p in params.items()}
+    optimizer.load_state_dict({
+        'state': {actual[id(params[n])]: st for n, st in local_params.items()},
+        'param_groups': [dict(settings_of[names[id(g['params'][0])]],
+                              params=[actual[id(p)] for p in g['params']]) for g in optimizer.param_groups]})
+
+
 # ----------------------------------------------------------------------------- FSDP2
 
 def apply_fsdp(model, mesh=None, reshard_after_forward=True, mp_policy=None):
@@ -565,5 +660,5 @@ def all_to_all_bytes_per_layer(tokens_local, top_k, n_embd, bytes_per_elem, ep_s
 __all__ = ['EPGroups', 'init_expert_parallel', 'all_to_all', 'ExpertParallelExperts', 'enable_expert_parallel',
            'expert_parallel_modules', 'expert_params', 'ddp_ignore_expert_params', 'reduce_expert_gradients',
            'reduce_gradients', 'grad_norm', 'clip_coef', 'clip_grad_norm_', 'full_state_dict', 'load_full_state_dict',
-           'full_optim_state_dict', 'load_full_optim_state_dict', 'apply_fsdp', 'all_to_all_bytes_per_layer',
+           'full_optim_state_dict', 'load_full_optim_state_dict', 'dcp_state_dict', 'dcp_load', 'apply_fsdp', 'all_to_all_bytes_per_layer',
            'unwrap', 'setup', 'shard', 'wrap', 'sync_gradients', 'finish_gradients']

@@ -27,7 +27,7 @@ from model import MoEGPT, MoEGPTConfig
 from prepare import DataError, get_codec, load_meta
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 hub name ('gpt2', ...) or 'gpt2:PATH' (local dir)
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt or ckpt.dcp), a GPT-2 hub name ('gpt2', ...) or 'gpt2:PATH' (local dir)
 out_dir = 'out-moe-8e'
 start = '\n'  # the prompt, or "FILE:prompt.txt" to read it from a file
 num_samples = 3
@@ -95,7 +95,7 @@ def parse(argv):
     except hardware.DeviceError as e:
         fail(e)
     if c['init_from'] == 'resume':
-        ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
+        ckpt_path = checkpoint.latest(c['out_dir'])  # ckpt.pt or ckpt.dcp, the newer
         if not os.path.isdir(c['out_dir']) or not os.path.exists(ckpt_path):
             fail(f"no checkpoint at {ckpt_path}. Train one first, e.g. "
                  f"python train.py config/moe_8e.py --out_dir={c['out_dir']}")
@@ -123,9 +123,9 @@ def main(argv=None):
 
     # model and tokenizer
     if init_from == 'resume':
-        ckpt_path = os.path.join(out_dir, 'ckpt.pt')  # parse() saw it there
+        ckpt_path = checkpoint.latest(out_dir)  # parse() saw it there
         try:
-            ckpt = checkpoint.load(ckpt_path, map_location=device)
+            ckpt = checkpoint.load(ckpt_path, map_location=device, tensors='model')
         except checkpoint.CheckpointError as e:
             fail(e)
         unknown = set(ckpt['model_args']) - set(inspect.signature(MoEGPTConfig).parameters)  # fields, old names

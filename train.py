@@ -57,6 +57,7 @@ eval_iters = 200  # batches per split (per process) for each eval
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val CE improves
 keep_last = 1  # checkpoints kept: ckpt.pt, plus (if > 1) ckpt-<iter>.pt for the keep_last newest saves
+ckpt_format = 'auto'  # 'single' (ckpt.pt), 'dcp' (ckpt.dcp/: each rank writes its shard); 'auto': dcp if sharded
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if out_dir holds a checkpoint, else
 # scratch), GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub) or 'gpt2:PATH' (a save_pretrained dir), or 'hf:NAME_OR_PATH':
 # Mixtral, OLMoE, Qwen2/3-MoE, Llama, Qwen2/3 (hf.py); a dense checkpoint with n_experts > 1 is sparsely upcycled
@@ -174,10 +175,10 @@ if init_from.startswith(('gpt2', 'hf:')):
 gptconf = train_config.model_config({k: globals()[k] for k in config_keys}, meta_vocab_size)
 model_args = dataclasses.asdict(gptconf)
 globals().update(model_args)  # resolved values (expert_hidden=None -> 4*n_embd, ...) go into the config
-ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
+ckpt, ckpt_path = None, checkpoint.path_for(out_dir, ckpt_format, sharded)  # where this run saves
 init_from = train_config.resolve_init_from(init_from, out_dir)  # 'auto': resume if out_dir holds a checkpoint
-if init_from == 'resume':  # the checkpoint must load and match the model config and the data
-    ckpt = train_config.load_resume(ckpt_path, model_args, TUNABLE, meta_vocab_size, dataset, optimizer)
+if init_from == 'resume':  # the newest checkpoint (either format) must match the model config and the data
+    ckpt = train_config.load_resume(checkpoint.latest(out_dir), model_args, TUNABLE, meta_vocab_size, dataset, optimizer)
 train_config.check_out_dir(out_dir, dry_run, master_process)
 wandb_run_name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))  # '' = the name of out_dir
 config = {k: globals()[k] for k in config_keys}  # the resolved config: plain values only
@@ -261,7 +262,7 @@ aux_free = model.uses_expert_bias  # DeepSeek-V3 balancing: expert_bias follows 
 iter_num, best_val_loss = 0, float('inf')
 guard = Guard(max_bad_steps, device, ddp, master_process, ckpt_path)  # NaN/Inf and preemption
 if ckpt is not None:
-    model.load_state_dict(checkpoint.strip_compile_prefix(ckpt['model']))
+    checkpoint.load_model(model, ckpt)  # (DCP: restore_run loads the shards)
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     guard.last_ckpt = (ckpt_path, iter_num)
     resume_evaluated = ckpt.get('evaluated', True)  # False: a preemption save, its iter's eval is still due
@@ -441,8 +442,7 @@ while True:
                   + ('\n  (launched with torchrun, as this run was)' if ddp else ''))
         break
 
-if wandb_log and master_process:
-    wandb.finish()
+if wandb_log and master_process: wandb.finish()
 if ddp:
     # wait until rank 0 has written its last checkpoint: a rank that tears gloo down while a peer is still
     # busy can abort at exit ("terminate called without an active exception", seen 1 in ~20 test runs)

@@ -73,6 +73,8 @@ def check_keys(c):
     check(0 <= c['dead_expert_threshold'] <= 1,
           f"dead_expert_threshold={c['dead_expert_threshold']} must be in [0, 1]")
     check(c['keep_last'] >= 1, f"keep_last={c['keep_last']} must be >= 1")
+    check(c['ckpt_format'] in ('auto', 'single', 'dcp'),
+          f"ckpt_format={c['ckpt_format']!r} must be 'auto', 'single' or 'dcp'")
     check(c['max_bad_steps'] >= 1, f"max_bad_steps={c['max_bad_steps']} must be >= 1")
     check(c['optimizer'] in OPTIMIZERS, f"optimizer={c['optimizer']!r} must be one of {OPTIMIZERS}"
                                         + ('' if 'muon' in OPTIMIZERS else " (this torch has no torch.optim.Muon)"))
@@ -227,11 +229,11 @@ def check_fits(gptconf, device, world_size):
 
 def latest_checkpoint(out_dir):
     """The checkpoint a resume in out_dir reads, or None if out_dir holds none. The one place that says
-    what counts as a checkpoint (init_from='auto' asks it): today the file out_dir/ckpt.pt; another format
-    (a directory of shards) plugs in here. A ckpt.pt that exists but does not load still counts: resuming
-    it fails clearly (exit 2) rather than silently starting over."""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    return path if os.path.exists(path) else None
+    what counts as a checkpoint (init_from='auto' asks it): out_dir/ckpt.pt or the sharded out_dir/ckpt.dcp,
+    the one saved last (checkpoint.latest). One that exists but does not load still counts: resuming it
+    fails clearly (exit 2) rather than silently starting over."""
+    path = checkpoint.latest(out_dir)
+    return path if os.path.lexists(path) else None
 
 
 def resolve_init_from(init_from, out_dir):
@@ -252,7 +254,7 @@ def load_resume(ckpt_path, model_args, tunable, meta_vocab_size, dataset, optimi
     """init_from=resume: the checkpoint must load and match the model config (but for the `tunable`
     fields), the data and the optimizer (its state is another optimizer's). Returns it."""
     try:
-        ckpt = checkpoint.load(ckpt_path)
+        ckpt = checkpoint.load(ckpt_path, tensors=False)  # DCP: the run state (restore_run reads the shards)
     except checkpoint.CheckpointError as e:
         die(f'init_from=resume: {e}')
     try:  # a checkpoint from before a model field existed has that field's default

@@ -66,6 +66,7 @@ COMPARE_SMOKE = ['--max_iters=1', '--eval_interval=1']
 SUITE_SMOKE = ['--seeds', '1', '--only', 'dense', '--max_iters=1', '--eval_interval=1']
 BENCH_SMOKE = ['--quick', '--threads', '1', '--tokens', '256', '--skip', 'model,memory,sampling,compile']
 DRY = ['--dry_run=True']
+DCP_MEMORY_SMOKE = ['--n_layer=1', '--n_embd=32', '--n_experts=4']
 
 # Commands no CPU machine can check at all, and why. Each must still be in the docs (no stale entries).
 UNCHECKABLE = {
@@ -264,6 +265,12 @@ def plan(cmd):
                          order=3 if init == 'resume' else 1, extra=TRAIN_SMOKE)
         return Check('GPU-sized: dry run as on a CUDA GPU (--dry_run=True --device=cuda)', 'dry',
                      extra=DRY + ['--device=cuda'], expect_out='dry run: every check passed')
+    if 'tests/dcp_memory.py' in args:
+        return Check('run as written at a tiny size (' + ' '.join(DCP_MEMORY_SMOKE) + ')', 'run', key='dcp-memory',
+                     extra=DCP_MEMORY_SMOKE)
+    if prog == 'python' and args[:1] == ['checkpoint.py']:
+        return Check('run as written on the DCP checkpoint the docs\' EP command wrote (and back)', 'run',
+                     key='out-moe-8e-cpu', order=4, expect_out=r'wrote ')
     if prog == 'torchrun':
         if 'train.py' not in args:
             return None

@@ -246,4 +246,4 @@ def test_two_nodes_on_one_machine_match_one_node_of_4(shakespeare_char_dir, tmp_
     assert 'world size 4' in outs[0][0]  # node 0 holds rank 0, which prints
     assert [i for i, _ in losses(two)] == [0, 1, 2, 3]
     assert losses(two) == losses(one)
-    assert_same_weights(two / 'ckpt.pt', one / 'ckpt.pt')
+    assert_same_weights(two / 'ckpt.dcp', one / 'ckpt.dcp')  # EP: sharded (DCP) checkpoints, each rank its shard
