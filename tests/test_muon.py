@@ -3,7 +3,6 @@ rest, in one optimizer (optim.MuonAdamW). The references are torch's own optimiz
 each expert's matrix as a separate 2-D parameter, torch.optim.AdamW, and the AdamW set-up of before the key.
 End to end (train.py in a subprocess, tiny models, fp32 on the CPU): resume bitwise, DDP and expert
 parallelism on gloo equal to the single process, bad keys refused in one line."""
-import copy
 import json
 import os
 import subprocess
