@@ -68,14 +68,7 @@ def save(obj, path):
         except OSError:
             pass
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the data itself is already synced
+    _fsync_dir(d)  # make the rename itself durable
 
 
 def keep_history(path, iter_num, keep_last):
@@ -381,6 +374,7 @@ def _gather(obj):
 
 
 def _fsync_dir(d):
+    """fsync a directory, so that a rename in it is durable."""
     try:
         dfd = os.open(d, os.O_RDONLY)
         try:
@@ -388,7 +382,7 @@ def _fsync_dir(d):
         finally:
             os.close(dfd)
     except OSError:
-        pass
+        pass  # some filesystems refuse fsync on a directory; the data itself is already synced
 
 
 class _SafeReader:
