@@ -262,13 +262,9 @@ TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_emb
         '--n_experts=4', '--top_k=2', '--optimizer=muon']
 
 
-@pytest.fixture(scope='module')
-def char_data(tmp_path_factory, tinyshakespeare):
-    d = tmp_path_factory.mktemp('data')
-    r = subprocess.run([sys.executable, 'prepare.py', 'shakespeare_char', '--input', str(tinyshakespeare),
-                        '--data_dir', str(d)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return d
+@pytest.fixture
+def char_data(shakespeare_char_dir):
+    return shakespeare_char_dir  # conftest's session-wide shakespeare_char, prepared once for the suite
 
 
 def train(args, torchrun=0, timeout=300):
