@@ -258,8 +258,7 @@ class Router(nn.Module):
         self.noise = nn.Linear(config.n_embd, config.n_experts, bias=False) if self.spec.noise else None
         if self.spec.expert_bias:
             self.register_buffer('expert_bias', torch.zeros(config.n_experts))
-        self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
-        self.capacity_factor = config.capacity_factor
+        self.top_k, self.norm_topk_prob, self.capacity_factor = config.top_k, config.norm_topk_prob, config.capacity_factor
         self.eval_capacity_factor = config.capacity_factor if config.eval_capacity_factor is None else config.eval_capacity_factor
 
     def forward(self, x_TD):
@@ -380,10 +379,11 @@ def register_loss(name):
 
 
 def load_balancing_loss(probs_TE, counts_E):
-    """Switch Transformer aux loss, E * sum_i f_i * P_i. f_i: the fraction of the assignments that went
-    to expert i (a count: no gradient); P_i: the mean router probability of expert i. Uniform routing
-    gives exactly 1.0 for any number of experts per token."""
-    return probs_TE.shape[-1] * torch.dot(counts_E.to(probs_TE.dtype), probs_TE.mean(dim=0)) / counts_E.sum()
+    """Switch Transformer aux loss, E * sum_i f_i * P_i. f_i: the fraction of the assignments that went to
+    expert i (a count: no gradient); P_i: the mean router probability of expert i. Uniform routing gives
+    exactly 1.0 for any number of experts per token. E / T goes to the side with no gradient: one backward op."""
+    T, E = probs_TE.shape
+    return torch.dot(counts_E.to(probs_TE.dtype) * (E / T) / counts_E.sum(), probs_TE.sum(dim=0))
 
 
 def sequence_balancing_loss(probs_BSE, counts_BE):
@@ -407,8 +407,9 @@ def balance_loss(moe, r, counts_E, S):
 
 
 def router_z_loss(logits_TE):
-    """ST-MoE z-loss: the mean over tokens of logsumexp(logits)^2; keeps router logits small."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    """ST-MoE z-loss: the mean over tokens of logsumexp(logits)^2 (an MSE against 0: one fused op each
+    way, where square().mean() is three backward); keeps router logits small."""
+    return F.mse_loss(torch.logsumexp(logits_TE, dim=-1), logits_TE.new_zeros(logits_TE.shape[0]))
 
 
 @register_loss('z')
@@ -509,8 +510,7 @@ class MoELayer(nn.Module):
                                if config.n_shared_experts > 0 else None)
         # Qwen2-MoE: a per-token sigmoid gate, D -> 1, on the shared experts' output
         self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False) if config.shared_expert_gate else None
-        self.n_experts, self.top_k = config.n_experts, config.top_k
-        self.balance_scope = config.balance_scope
+        self.n_experts, self.top_k, self.balance_scope = config.n_experts, config.top_k, config.balance_scope
         self.capacity_priority, self.capacity_scope = config.capacity_priority, config.capacity_scope
         self.losses = [n for n in LOSSES if n not in self.router.spec.skip_losses]  # each has a coef (config)
         self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
@@ -541,7 +541,7 @@ class MoELayer(nn.Module):
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
         if r.k:
             y_TKD = UnsortRows.apply(y_ND, order_N).view(T, r.k, D)          # back to token order
-            out_TD = (y_TKD * r.gate_N.view(T, r.k, 1).to(y_TKD.dtype)).sum(1)   # (T, D) gate-weighted sum
+            out_TD = torch.bmm(r.gate_N.view(T, 1, r.k).to(y_TKD.dtype), y_TKD).view(T, D)  # (T, D) gate-weighted sum
         else:
             y_ND = y_ND * r.gate_N.index_select(0, order_N).unsqueeze(1).to(y_ND.dtype)
             out_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND)        # (T, D) each token's rows summed
