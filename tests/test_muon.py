@@ -330,6 +330,27 @@ def test_expert_parallel_update_equals_single_process_bitwise(tmp_path):
     assert r['state_equal']
 
 
+def test_expert_parallel_dcp_resume_is_bitwise(char_data, tmp_path):
+    """expert_parallel=2 with its default checkpoint (ckpt_format auto: DCP, every rank its own shard): stop
+    at iter 4, resume to 8 == straight to 8, bitwise: losses, weights, and Muon's momentum buffers and
+    AdamW's moments, each rank having saved and reloaded its own experts' (a shard-local state DCP reshards
+    like AdamW's)."""
+    common = [*TINY, f'--data_dir={char_data}', '--eval_interval=4', '--lr_decay_iters=8', '--always_save_checkpoint=True',
+              '--expert_parallel=2', '--learning_rate=3e-3', '--muon_lr=6e-3']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    ok(train([*common, f'--out_dir={a}', '--max_iters=8'], torchrun=2))
+    ok(train([*common, f'--out_dir={b}', '--max_iters=4'], torchrun=2))
+    r = ok(train([*common, f'--out_dir={b}', '--max_iters=8', '--init_from=resume'], torchrun=2))
+    assert 'at iter 4' in r.stdout and (b / 'ckpt.dcp').is_symlink() and not (b / 'ckpt.pt').exists()
+    la, lb = losses(a), losses(b)
+    assert len(la) == 8 and la == lb and la[-1] < la[0]
+    ca, cb = checkpoint.load(a / 'ckpt.dcp'), checkpoint.load(b / 'ckpt.dcp')
+    assert all(torch.equal(ca['model'][k], cb['model'][k]) for k in ca['model'])
+    sa, sb = ca['optimizer']['state'], cb['optimizer']['state']
+    assert sa.keys() == sb.keys() and sum('momentum_buffer' in s for s in sa.values()) == 8  # per layer: c_attn, c_proj, w1, w2
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
 def movement_ratios(single, multi):
     """{name: |w_multi - w_single| / |w_single - w_init|} (Frobenius), w_init: train.py's seeded init."""
     cs, cm = checkpoint.load(single / 'ckpt.pt'), checkpoint.load(multi / 'ckpt.pt')
