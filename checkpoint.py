@@ -451,8 +451,8 @@ def save_dcp_run(path, model, optimizer, state, keep_last=1, async_save=False):
         os.makedirs(tmp)
     _barrier()
     sd, groups = parallel.dcp_state_dict(model, optimizer)
-    run = rank == 0 and {'format_version': FORMAT_VERSION, 'ckpt_format': 'dcp', **state, 'rng_by_rank': rngs,
-                         'optim_groups': groups, 'world_size': len(rngs)}
+    run = {'format_version': FORMAT_VERSION, 'ckpt_format': 'dcp', **state, 'rng_by_rank': rngs,
+           'optim_groups': groups, 'world_size': len(rngs)} if rank == 0 else None
     writer = dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1)
     if async_save:
         run = copy.deepcopy(run)  # as of now: training goes on changing what it was made of

@@ -1,8 +1,8 @@
 """
 Worker for tests/test_dcp.py::test_async_save_stages_a_copy_training_may_change, launched with
-    torchrun --standalone --nproc_per_node=2 tests/async_save_worker.py OUT_DIR
-(CPU, gloo). expert_parallel=2 (each rank's expert shards are DTensors to DCP, the rest replicated), one
-AdamW step, then one save through checkpoint.save_run with async_save=True, as train.py makes it. DCP's
+    torchrun --standalone --nproc_per_node=2 tests/async_save_worker.py OUT_DIR ep|fsdp
+(CPU, gloo). ep: expert_parallel=2 (each rank's expert shards are DTensors to DCP, the rest replicated);
+fsdp: FSDP2 (every parameter and AdamW moment a DTensor shard). One AdamW step, then one save through checkpoint.save_run with async_save=True, as train.py makes it. DCP's
 writes are held back (FileSystemWriter.write_data patched to sleep first), so nothing is written yet when
 save_run returns; then every weight, every AdamW moment and step, and the lr are changed in place, as the
 next training steps would. After checkpoint.wait_for_saves the checkpoint must hold the state as it was
@@ -34,21 +34,28 @@ def slow_write_data(self, *args, **kwargs):
 
 FileSystemWriter.write_data = slow_write_data
 
-out = sys.argv[1]
+
+def clone(o):
+    """A deep copy of the tensors in o (parallel.full_*_state_dict alias what is not sharded)."""
+    if torch.is_tensor(o):
+        return o.clone()
+    if isinstance(o, dict):
+        return {k: clone(v) for k, v in o.items()}
+    return type(o)(map(clone, o)) if isinstance(o, (list, tuple)) else o
+
+out, layout = sys.argv[1:3]
 dist.init_process_group('gloo')
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 model = MoEGPT(MoEGPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
                             dropout=0.0))
-parallel.shard(model, parallel.init_expert_parallel(world))
+parallel.shard(model, parallel.init_expert_parallel(world) if layout == 'ep' else None, fsdp=layout == 'fsdp')
 opt = optim.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')
 x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(rank))
 model(x, x)[1].backward()
 parallel.reduce_gradients(model)
 opt.step()
 opt.zero_grad(set_to_none=True)
-clone = lambda o: o.clone() if torch.is_tensor(o) else {k: clone(v) for k, v in o.items()} if isinstance(o, dict) \
-    else type(o)(map(clone, o)) if isinstance(o, (list, tuple)) else o  # noqa: E731 (full_*: aliases where not sharded)
 before_model, before_optim = clone(parallel.full_state_dict(model)), clone(parallel.full_optim_state_dict(model, opt))
 state = dict(iter_num=1, model_args={}, config={}, best_val_loss=0.0, evaluated=True, scaler={},
              meta_vocab_size=64, sampler_state=torch.Generator().get_state(), rng=checkpoint.rng_state())

@@ -355,13 +355,14 @@ def test_async_save_equals_sync_save_and_resumes_bitwise(ddp, ddp_async):
     assert a['iter_num'] == 8 and same(a['model'], s['model']) and same(a['optimizer'], s['optimizer'])
 
 
-def test_async_save_stages_a_copy_training_may_change(tmp_path):
-    """tests/async_save_worker.py (2 ranks, expert_parallel=2): the save is still unwritten when save_run
+@pytest.mark.parametrize('layout', ['ep', 'fsdp'])
+def test_async_save_stages_a_copy_training_may_change(tmp_path, layout):
+    """tests/async_save_worker.py (2 ranks, expert_parallel=2 or FSDP2: DTensors to stage): the save is still unwritten when save_run
     returns (DCP's write held back 1 s), every weight, AdamW moment and step and the lr are then changed in
     place, and the committed checkpoint holds the state of when save_run was called, bitwise: the copy was
     staged before save_run returned, and the change reached every tensor (so the check could see it)."""
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'tests/async_save_worker.py', str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                        'tests/async_save_worker.py', str(tmp_path), layout], cwd=REPO, capture_output=True, text=True,
                        timeout=240, env=env())
     assert p.returncode == 0 and (tmp_path / 'result.json').is_file(), p.stderr[-3000:]
     r = json.loads((tmp_path / 'result.json').read_text())
