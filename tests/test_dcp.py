@@ -9,6 +9,7 @@ another layout sums in another order; bitwise where the layout's arithmetic is t
 """
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -389,3 +390,36 @@ def test_async_save_without_dcp_is_one_line_exit_2(shakespeare_char_dir, tmp_pat
                    '--ckpt_format=dcp'])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and 'async_save' in r.stderr, r.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_async_save_sigterm_to_rank_1_saves_and_resumes_bitwise(ddp, shakespeare_char_dir, tmp_path):
+    """The preemption path with async_save=True, 2-rank DDP as the ddp fixture: SIGTERM to rank 1 once iter 1
+    is logged; both ranks save (in the background), wait for it, and exit 0 with the checkpoint committed
+    at the iter they stopped (not evaluated); the printed resume command, under torchrun, finishes with the
+    uninterrupted synchronous run's losses at every iter and its final weights, bitwise."""
+    out = tmp_path / 'out'
+    args = [*TINY, '--dropout=0.1', f'--data_dir={shakespeare_char_dir}', '--ckpt_format=dcp', '--async_save=True',
+            f'--out_dir={out}']
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          'train.py', *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env())
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None and not (
+            (out / 'log.jsonl').exists() and '"iter": 1,' in (out / 'log.jsonl').read_text()):
+        time.sleep(0.05)
+    workers = Path(f'/proc/{p.pid}/task/{p.pid}/children').read_text().split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGTERM)  # torchrun starts rank 0 first
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr[-3000:]
+    stopped = checkpoint.load(str(out / 'ckpt.dcp'), tensors=False)
+    assert f'stopped at iter {stopped["iter_num"]} and saved a checkpoint ({out / "ckpt.dcp"})' in stdout
+    assert stopped['evaluated'] is False and 1 < stopped['iter_num'] < 8
+    assert os.readlink(out / 'ckpt.dcp') == f'ckpt-{stopped["iter_num"]}.dcp' and not list(out.glob('.*tmp'))
+    resume = shlex.split(stdout.split('resume with:\n')[1].splitlines()[0])
+    r = ok(launch(2, resume[2:]))
+    assert f'resumed from {out / "ckpt.dcp"} at iter {stopped["iter_num"]}' in r.stdout
+    ref = ddp[0]
+    assert losses(out) == losses(ref)
+    a, b = checkpoint.load(str(out / 'ckpt.dcp')), checkpoint.load(str(ref / 'ckpt.dcp'))
+    assert a['iter_num'] == 8 and all(torch.equal(a['model'][k], b['model'][k]) for k in b['model'])
