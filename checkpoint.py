@@ -499,6 +499,8 @@ class AsyncSaver:
         world = _rank_world()[1]
         if world > 1 and self.group is None:  # collective: every rank's first async save creates it
             self.group = dist.new_group(backend='gloo')
+        if world == 1:  # DCP's thread warns "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings('ignore', 'torch.distributed is disabled')  # (process-wide: from that thread)
         written = dcp.async_save(sd, storage_writer=writer, process_group=self.group, no_dist=world == 1)
         pool = ThreadPoolExecutor(1, thread_name_prefix='moegpt-async-save')
         self.job = pool.submit(lambda: (written.result(), finish(self.group)))
