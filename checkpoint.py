@@ -8,6 +8,7 @@ Two formats (train.py's ckpt_format, docs/reliability.md):
           gathered. ckpt.dcp is a symlink to the directory ckpt-<iter>.dcp (written as a temp directory,
           renamed, then the link swapped: atomic like the single file). Loading reshards: any number of
           processes, any expert_parallel / fsdp layout, or one process (sample.py, export.py, compare.py).
+          async_save=True: staged in host memory, then written and committed in the background (AsyncSaver).
   `python checkpoint.py --to-single out/ckpt.dcp out/ckpt.pt` (and `--to-dcp` back) converts.
 Both record checksums (crc32) at save: of every tensor in the single file, of every file of a DCP
 directory (checksums.json); load verifies them and a mismatch is a CheckpointError naming the file.
@@ -22,6 +23,7 @@ never read as a checkpoint (only ckpt.pt is), and train.py deletes such leftover
 Test-only hook: MOEGPT_TEST_SAVE_DELAY=seconds sleeps after the temp file is complete, before the
 rename, so a test can kill -9 the process in the middle of a save (unset: no cost).
 """
+import copy
 import glob
 import json
 import os
@@ -201,7 +203,9 @@ def _verify_tensors(ckpt, path):
 
 def load(path, map_location='cpu', tensors=True):
     """Load and sanity-check a checkpoint dict (ckpt.pt, or a ckpt.dcp directory: see load_dcp); any
-    failure, a checksum mismatch included, becomes a CheckpointError."""
+    failure, a checksum mismatch included, becomes a CheckpointError. An outstanding async save is
+    committed first."""
+    wait_for_saves()
     path = os.fspath(path)
     if path.endswith('.dcp') or os.path.isdir(path):
         return load_dcp(path, tensors, map_location)
@@ -289,13 +293,14 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- train.py's save / resume
 
-def save_run(path, model, optimizer, state, keep_last=1, sharded=False, master=True):
+def save_run(path, model, optimizer, state, keep_last=1, sharded=False, master=True, async_save=False):
     """train.py's save. Every rank calls it. path ckpt.dcp: save_dcp_run, every rank writes its shard.
     ckpt.pt: with sharded state (EP, FSDP) the full model and optimizer are gathered (a collective);
     rank 0 writes path atomically: the model, the optimizer and `state` (iter_num, configs, scaler, RNGs,
-    ...) with the checksums of every tensor, then keeps the keep_last newest."""
+    ...) with the checksums of every tensor, then keeps the keep_last newest. async_save (DCP only): written
+    in the background (AsyncSaver)."""
     if os.fspath(path).endswith('.dcp'):
-        return save_dcp_run(path, model, optimizer, state, keep_last)
+        return save_dcp_run(path, model, optimizer, state, keep_last, async_save)
     if sharded:
         import parallel
         model_sd, optim_sd = parallel.full_state_dict(model), parallel.full_optim_state_dict(model, optimizer)
@@ -320,6 +325,7 @@ def restore_run(ckpt, model, optimizer, scaler, data_gen, sharded=False, reseed=
     the data sampler, and the RNGs. A single file holds only rank 0's RNGs: reseed (the other ranks)
     seeds fresh dropout streams instead. A DCP checkpoint holds every rank's: each rank restores its own
     when the world size is the one that saved (else as the single file)."""
+    wait_for_saves()
     rank, world = _rank_world()
     if ckpt.get('ckpt_format') == 'dcp':
         import parallel
@@ -352,15 +358,16 @@ def _rank_world():
     return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
 
 
-def _barrier():
+def _barrier(group=None):
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
-def _gather(obj):
+def _gather(obj, group=None):
     """All ranks' obj (tensors and plain values) on rank 0 (a list), None elsewhere; [obj] in one
-    process. Sent as torch.save bytes, read back with weights_only (gather_object chokes on tensors)."""
+    process. Sent as torch.save bytes, read back with weights_only (gather_object chokes on tensors).
+    group: a process group of all ranks (None: the default one)."""
     import io
     import torch.distributed as dist
     rank, world = _rank_world()
@@ -369,7 +376,7 @@ def _gather(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     out = [None] * world if rank == 0 else None
-    dist.gather_object(buf.getvalue(), out, dst=0)
+    dist.gather_object(buf.getvalue(), out, dst=0, group=group)
     return [torch.load(io.BytesIO(b), weights_only=True) for b in out] if rank == 0 else None
 
 
@@ -427,12 +434,15 @@ def _safe_metadata(path, reader):
     return metadata
 
 
-def save_dcp_run(path, model, optimizer, state, keep_last=1):
+def save_dcp_run(path, model, optimizer, state, keep_last=1, async_save=False):
     """Every rank writes its own shards of the model and AdamW with torch.distributed.checkpoint into
     a temp directory (nothing is gathered but each rank's RNG state and checksums, a few KB); rank 0
-    then writes run.pt and checksums.json and commits it (_commit_dcp). Collective."""
+    then writes run.pt and checksums.json and commits it (_finish_dcp). Collective. async_save: the state
+    is copied to host memory here, written and committed in the background (AsyncSaver); either way the
+    previous async save is complete first."""
     import torch.distributed.checkpoint as dcp
     import parallel
+    async_saver.wait()
     rank, world = _rank_world()
     tmp = _dcp_temp(path, state['iter_num'])
     rngs = _gather(state['rng'])
@@ -441,17 +451,73 @@ def save_dcp_run(path, model, optimizer, state, keep_last=1):
         os.makedirs(tmp)
     _barrier()
     sd, groups = parallel.dcp_state_dict(model, optimizer)
+    run = {'format_version': FORMAT_VERSION, 'ckpt_format': 'dcp', **state, 'rng_by_rank': rngs,
+           'optim_groups': groups, 'world_size': len(rngs)} if rank == 0 else None
+    writer = dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1)
+    if async_save:
+        run = copy.deepcopy(run)  # as of now: training goes on changing what it was made of
+        return async_saver.save(sd, writer, lambda group: _finish_dcp(tmp, path, run, keep_last, group))
     with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
         warnings.filterwarnings('ignore', 'torch.distributed is disabled')
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=world == 1)
+        dcp.save(sd, storage_writer=writer, no_dist=world == 1)
+    _finish_dcp(tmp, path, run, keep_last)
+
+
+def _finish_dcp(tmp, path, run, keep_last, group=None):
+    """After this rank's dcp.save returned (its files written and fsynced): its files' checksums go to rank
+    0, which so has every rank's only once every rank's write is complete; then it writes run.pt and
+    checksums.json and commits (_commit_dcp). The closing barrier: no rank goes on (or exits) before the
+    commit. group: the process group (AsyncSaver's own, in its thread; None: the default)."""
+    rank = _rank_world()[0]
     mine = {f: file_crc(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.startswith(f'__{rank}_')}
-    sums = _gather(mine)
+    sums = _gather(mine, group)
     if rank == 0:
-        run = {'format_version': FORMAT_VERSION, 'ckpt_format': 'dcp', **state, 'rng_by_rank': rngs,
-               'optim_groups': groups, 'world_size': len(rngs)}
         _write_dcp_extras(tmp, run, sums)
-        _commit_dcp(tmp, path, state['iter_num'], keep_last)
-    _barrier()  # no rank goes on (or exits) before the checkpoint is committed
+        _commit_dcp(tmp, path, run['iter_num'], keep_last)
+    _barrier(group)
+
+
+class AsyncSaver:
+    """async_save=True (docs/distributed.md): a DCP save that runs while training goes on; one per process
+    (async_saver). save() is collective: dcp.async_save stages this rank's state dict, a copy in host memory
+    (FileSystemWriter is a BlockingAsyncStager: the copy is made before async_save returns, so training may
+    then change the weights), and writes the copy in DCP's thread; a thread of ours waits for that write
+    and then runs finish (_finish_dcp: the checksums gathered, which is every rank's write complete, then
+    the commit). Their collectives run on a gloo group of their own, so they never interleave with
+    training's. wait(): the outstanding save is written and committed, or its error raised; the next save,
+    every load, guard.stop_run and the end of train.py call it (an exception that ends the run: the
+    interpreter joins the thread before it exits)."""
+
+    def __init__(self):
+        self.job, self.group = None, None
+
+    def save(self, sd, writer, finish):
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from concurrent.futures import ThreadPoolExecutor
+        self.wait()
+        world = _rank_world()[1]
+        if world > 1 and self.group is None:  # collective: every rank's first async save creates it
+            self.group = dist.new_group(backend='gloo')
+        if world == 1:  # DCP's thread warns "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings('ignore', 'torch.distributed is disabled')  # (process-wide: from that thread)
+        written = dcp.async_save(sd, storage_writer=writer, process_group=self.group, no_dist=world == 1)
+        pool = ThreadPoolExecutor(1, thread_name_prefix='moegpt-async-save')
+        self.job = pool.submit(lambda: (written.result(), finish(self.group)))
+        pool.shutdown(wait=False)  # the thread ends with the job
+
+    def wait(self):
+        job, self.job = self.job, None
+        if job is not None:
+            job.result()
+
+
+async_saver = AsyncSaver()
+
+
+def wait_for_saves():
+    """The outstanding async save (async_save=True) is written and committed; its error is raised here."""
+    async_saver.wait()
 
 
 def _dcp_temp(path, iter_num):

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
+
 
 def fused(optimizer):
     return bool(optimizer.defaults.get('fused'))
@@ -96,6 +98,7 @@ class Guard:
     # ------------------------------------------------------------------------- stopping
     def stop_run(self, msg):
         """Training went wrong (not the input): name the last good checkpoint, exit 3 on every rank."""
+        checkpoint.wait_for_saves()  # async_save: the last save is committed before it is named (and its group goes)
         if self.master:
             where = (f'last good checkpoint: {self.last_ckpt[0]} (iter {self.last_ckpt[1]}); fix the cause (e.g. a '
                      f'lower learning_rate), then resume from it with --init_from=resume' if self.last_ckpt

@@ -58,6 +58,7 @@ eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val CE improves
 keep_last = 1  # checkpoints kept: ckpt.pt, plus (if > 1) ckpt-<iter>.pt for the keep_last newest saves
 ckpt_format = 'auto'  # 'single' (ckpt.pt), 'dcp' (ckpt.dcp/: each rank writes its shard); 'auto': dcp if sharded
+async_save = False  # dcp: a save copies the state to host memory, then writes it while training goes on
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if out_dir holds a checkpoint, else
 # scratch), GPT-2: 'gpt2', 'gpt2-medium', ... (HF hub) or 'gpt2:PATH' (a save_pretrained dir), or 'hf:NAME_OR_PATH':
 # Mixtral, OLMoE, Qwen2/3-MoE, Llama, Qwen2/3 (hf.py); a dense checkpoint with n_experts > 1 is sparsely upcycled
@@ -278,8 +279,7 @@ if ckpt is not None:
     checkpoint.restore_run(ckpt, model, optimizer, scaler, data_gen, sharded,
                            reseed=None if master_process else seed + rank + world_size * iter_num)
     if master_process: print(f'resumed from {ckpt_path} at iter {iter_num} (best val CE {best_val_loss:.4f})')
-ckpt = None  # free memory
-raw_model = model  # the plain module: state_dict, MFU, eval
+ckpt, raw_model = None, model  # free memory; raw_model: the plain module (state_dict, MFU, eval)
 if compile:
     if master_process: print('compiling the model... (takes a ~minute)')
     model = torch.compile(model, mode=compile_mode)
@@ -337,13 +337,12 @@ def save_checkpoint(evaluated):
     NaN/Inf weights. evaluated: this iter's eval ran (False for a preemption save: a resume runs it)."""
     guard.settle()  # the steps not read yet: a run that must stop (max_bad_steps) stops before it saves
     guard.check_weights(raw_model, iter_num)
-    if master_process:
-        print(f'saving checkpoint to {ckpt_path}')
+    if master_process: print(f'saving checkpoint to {ckpt_path}' + ' (in the background)' * async_save)
     checkpoint.save_run(ckpt_path, raw_model, optimizer, dict(
         scaler=scaler.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
         best_val_loss=best_val_loss, evaluated=evaluated, meta_vocab_size=meta_vocab_size,
         sampler_state=sampler_state,  # redraws the pending batch on resume
-        rng=checkpoint.rng_state()), keep_last, sharded, master_process)
+        rng=checkpoint.rng_state()), keep_last, sharded, master_process, async_save)
     guard.last_ckpt = (ckpt_path, iter_num)
 
 
@@ -443,6 +442,7 @@ while True:
         break
 
 if wandb_log and master_process: wandb.finish()
+checkpoint.wait_for_saves()  # async_save: the last checkpoint is written and committed before any rank exits
 if ddp:
     # wait until rank 0 has written its last checkpoint: a rank that tears gloo down while a peer is still
     # busy can abort at exit ("terminate called without an active exception", seen 1 in ~20 test runs)

@@ -75,6 +75,7 @@ def check_keys(c):
     check(c['keep_last'] >= 1, f"keep_last={c['keep_last']} must be >= 1")
     check(c['ckpt_format'] in ('auto', 'single', 'dcp'),
           f"ckpt_format={c['ckpt_format']!r} must be 'auto', 'single' or 'dcp'")
+    check(c['async_save'] in (True, False), f"async_save={c['async_save']!r} must be True or False")
     check(c['max_bad_steps'] >= 1, f"max_bad_steps={c['max_bad_steps']} must be >= 1")
     check(c['optimizer'] in OPTIMIZERS, f"optimizer={c['optimizer']!r} must be one of {OPTIMIZERS}"
                                         + ('' if 'muon' in OPTIMIZERS else " (this torch has no torch.optim.Muon)"))
@@ -120,6 +121,10 @@ def check_parallel(c, ddp, world_size):
     check(not (c['fsdp'] and c['optimizer'] == 'muon'),  # a DTensor shard is not a matrix to orthogonalise
           "optimizer='muon' runs single-process, under DDP and with expert_parallel, not with fsdp=True "
           "(docs/training.md); use optimizer='adamw' with fsdp")
+    where = checkpoint.path_for('', c['ckpt_format'], c['expert_parallel'] > 1 or c['fsdp'])
+    check(not c['async_save'] or where.endswith('.dcp'),
+          f"async_save=True writes sharded checkpoints (ckpt.dcp) in the background: it needs ckpt_format='dcp' "
+          f"(ckpt_format={c['ckpt_format']!r} saves a single {where} here)")
 
 
 def resolve_system(c, local_rank, sharded):

@@ -2,12 +2,14 @@
 
     torchrun --standalone --nproc_per_node=4 tests/dcp_memory.py single
     torchrun --standalone --nproc_per_node=4 tests/dcp_memory.py dcp
+    torchrun --standalone --nproc_per_node=2 tests/dcp_memory.py async   # DCP with async_save=True
     python tests/dcp_memory.py checksums      # what the checksums cost: save and load, with and without
 
 Each rank builds the same model, keeps its experts (expert_parallel = world size), takes one AdamW step
 (so the moments exist), then saves once through checkpoint.save_run, as train.py does. Measured per rank:
 the resident set's growth during the save (Linux VmHWM, reset just before, minus VmRSS then) and the
-save's wall time. One format per launch: freed memory that the allocator keeps would hide the second
+save's wall time (async: how long save_run blocked the caller, and when the checkpoint was written and
+committed, checkpoint.wait_for_saves returning). One format per launch: freed memory that the allocator keeps would hide the second
 save's growth. --n_layer/--n_embd/--n_experts size the model (the defaults: 38M expert parameters).
 """
 import argparse
@@ -33,7 +35,7 @@ def status_kb(key):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('format', choices=['single', 'dcp', 'checksums'])
+    ap.add_argument('format', choices=['single', 'dcp', 'async', 'checksums'])
     ap.add_argument('--n_layer', type=int, default=4)
     ap.add_argument('--n_embd', type=int, default=384)
     ap.add_argument('--n_experts', type=int, default=8)
@@ -68,18 +70,21 @@ def main():
         f.write('5')  # VmHWM := VmRSS now
     rss0 = status_kb('VmRSS')
     t0 = time.perf_counter()
-    checkpoint.save_run(path, model, opt, state, sharded=True, master=rank == 0)
+    checkpoint.save_run(path, model, opt, state, sharded=True, master=rank == 0, async_save=a.format == 'async')
+    blocked = time.perf_counter() - t0
+    checkpoint.wait_for_saves()
     secs = time.perf_counter() - t0
     grown = (status_kb('VmHWM') - rss0) / 1024
     got = [None] * world
-    dist.all_gather_object(got, (grown, secs))
+    dist.all_gather_object(got, (grown, secs, blocked))
     if rank == 0:
         on_disk = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.realpath(path))
-                      for f in fs) if a.format == 'dcp' else os.path.getsize(path)
+                      for f in fs) if a.format != 'single' else os.path.getsize(path)
         print(f'{a.format}: {world} ranks, model {full_mb:.0f} MB fp32 ({full_mb * 3:.0f} MB with AdamW), '
               f'checkpoint {on_disk / 2**20:.0f} MB on disk')
-        for r, (g, s) in enumerate(got):
-            print(f'  rank {r}: peak RSS growth during the save {g:7.1f} MB, save {s:5.2f} s')
+        for r, (g, s, b) in enumerate(got):
+            print(f'  rank {r}: peak RSS growth during the save {g:7.1f} MB, save {s:5.2f} s'
+                  + (f' (the caller blocked {b:5.2f} s)' if a.format == 'async' else ''))
         if not a.out:
             import shutil
             shutil.rmtree(out)

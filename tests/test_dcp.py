@@ -9,6 +9,7 @@ another layout sums in another order; bitwise where the layout's arithmetic is t
 """
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -203,13 +204,15 @@ def test_ddp_dcp_resume_is_exact(ddp):
     assert (ref / 'ckpt-8.dcp' / '__1_0.distcp').stat().st_size > 0
 
 
-def test_kill_9_during_dcp_save_keeps_previous_checkpoint(ep4, shakespeare_char_dir, tmp_path):
+@pytest.mark.parametrize('mode', ['sync', 'async'])
+def test_kill_9_during_dcp_save_keeps_previous_checkpoint(ep4, shakespeare_char_dir, tmp_path, mode):
     """A DCP save killed (kill -9) after every shard, run.pt and checksums.json are written but before its
     commit never replaces the previous checkpoint: ckpt.dcp still links the iter-4 directory, which
-    loads with its checksums verified; the next start removes the temp directory and the run completes."""
+    loads with its checksums verified; the next start removes the temp directory and the run completes.
+    async: the same with async_save=True, killed while the run waits at its end for the background commit."""
     out = resume_from(ep4, 'ckpt-4.dcp', tmp_path / 'out')
     args = [*TINY, '--dropout=0.0', f'--data_dir={shakespeare_char_dir}', f'--out_dir={out}', '--init_from=resume',
-            '--ckpt_format=dcp']
+            '--ckpt_format=dcp', f'--async_save={mode == "async"}']
     p = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=env(MOEGPT_TEST_SAVE_DELAY='60'))
     tmp = out / '.ckpt-8.dcp.tmp'
@@ -297,3 +300,126 @@ def test_ckpt_format_bad_value_is_one_line_exit_2(shakespeare_char_dir, tmp_path
     assert r.returncode == 2 and r.stderr.strip() == \
         "train.py: error: ckpt_format='zip' must be 'auto', 'single' or 'dcp'"
     assert not (tmp_path / 'out').exists()
+
+
+# ----------------------------------------------------------------------------- async_save=True
+
+@pytest.fixture(scope='module')
+def ddp_async(shakespeare_char_dir, tmp_path_factory):
+    """The ddp fixture's two runs again with async_save=True: uninterrupted, and resumed from its own
+    (asynchronously saved) iter-4 checkpoint."""
+    base = tmp_path_factory.mktemp('ddp_async')
+    args = [*TINY, '--dropout=0.1', f'--data_dir={shakespeare_char_dir}', '--ckpt_format=dcp', '--async_save=True']
+    r = ok(launch(2, [*args, f'--out_dir={base / "ref"}']))
+    assert 'ckpt.dcp (in the background)' in r.stdout
+    res = resume_from(base / 'ref', 'ckpt-4.dcp', base / 'res')
+    ok(launch(2, [*args, f'--out_dir={res}', '--init_from=resume']))
+    return base / 'ref', res
+
+
+def same(a, b):
+    """a == b, tensors bitwise, through dicts, lists and tuples."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def test_async_save_equals_sync_save_and_resumes_bitwise(ddp, ddp_async):
+    """2-rank DDP (dropout 0.1), ckpt_format=dcp, async_save=True against the same run saving synchronously
+    (the ddp fixture): every checkpoint (iters 4 and 8) holds the same everything bitwise (model, AdamW
+    moments and steps, param groups, every rank's torch and numpy RNGs, sampler, scaler, iter, best val CE;
+    the config but for async_save itself); the same files, links and no temp left; the async run's own losses are the sync
+    run's (training is not disturbed by the writes), and resumed from its async-saved iter-4 checkpoint it
+    continues with the sync resume's losses and ends on the same weights and AdamW state, bitwise."""
+    (ref, res), (aref, ares) = ddp, ddp_async
+    assert sorted(os.listdir(aref)) == sorted(os.listdir(ref))
+    assert os.readlink(aref / 'ckpt.dcp') == 'ckpt-8.dcp'
+    for it in (4, 8):
+        assert sorted(os.listdir(aref / f'ckpt-{it}.dcp')) == sorted(os.listdir(ref / f'ckpt-{it}.dcp'))
+        a, s = checkpoint.load(str(aref / f'ckpt-{it}.dcp')), checkpoint.load(str(ref / f'ckpt-{it}.dcp'))
+        ca, cs = a.pop('config'), s.pop('config')
+        assert ca['async_save'] is True and cs['async_save'] is False
+        assert {k: v for k, v in ca.items() if k not in ('async_save', 'out_dir')} == \
+               {k: v for k, v in cs.items() if k not in ('async_save', 'out_dir')}
+        a.pop('_dir'), s.pop('_dir')
+        for rng in (a['rng'], s['rng'], *a['rng_by_rank'], *s['rng_by_rank']):
+            rng.pop('python', None)  # train.py never seeds Python's random (nothing uses it): another state every launch
+        assert a.keys() == s.keys() and a['iter_num'] == it and len(a['optimizer']['state']) == 17
+        assert [k for k in a if not same(a[k], s[k])] == []
+    assert losses(aref) == losses(ref)
+    assert [losses(ares)[i] for i in range(4, 8)] == [losses(res)[i] for i in range(4, 8)]
+    a, s = checkpoint.load(str(ares / 'ckpt.dcp')), checkpoint.load(str(res / 'ckpt.dcp'))
+    assert a['iter_num'] == 8 and same(a['model'], s['model']) and same(a['optimizer'], s['optimizer'])
+
+
+@pytest.mark.parametrize('layout', ['ep', 'fsdp'])
+def test_async_save_stages_a_copy_training_may_change(tmp_path, layout):
+    """tests/async_save_worker.py (2 ranks, expert_parallel=2 or FSDP2: DTensors to stage): the save is still unwritten when save_run
+    returns (DCP's write held back 1 s), every weight, AdamW moment and step and the lr are then changed in
+    place, and the committed checkpoint holds the state of when save_run was called, bitwise: the copy was
+    staged before save_run returned, and the change reached every tensor (so the check could see it)."""
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'tests/async_save_worker.py', str(tmp_path), layout], cwd=REPO, capture_output=True, text=True,
+                       timeout=240, env=env())
+    assert p.returncode == 0 and (tmp_path / 'result.json').is_file(), p.stderr[-3000:]
+    r = json.loads((tmp_path / 'result.json').read_text())
+    assert not r['committed_at_return'] and r['committed'] == 'ckpt-1.dcp'
+    assert r['done_s'] - r['returned_s'] >= 1.0  # the write ran after save_run had returned
+    assert r['keys'] and r['optim_keys'] and len(r['model_equal']) == 31 and len(r['optim_equal']) == 90
+    assert all(r['model_changed'].values())
+    assert [k for k, v in r['model_equal'].items() if not v] == []
+    assert [k for k, v in r['optim_equal'].items() if not v] == []
+    assert r['groups_equal']
+
+
+@pytest.mark.parametrize('args, fmt', [([], "'auto'"), (['--ckpt_format=single'], "'single'")])
+def test_async_save_without_dcp_is_one_line_exit_2(shakespeare_char_dir, tmp_path, args, fmt):
+    """async_save=True with a single-file checkpoint (ckpt_format='single', or 'auto' without sharded state):
+    exit 2, one line, nothing written; async_save must be a bool."""
+    r = launch(1, [*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={tmp_path / "out"}', '--async_save=True',
+                   *args])
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "train.py: error: async_save=True writes sharded checkpoints (ckpt.dcp) in the background: it needs " \
+        f"ckpt_format='dcp' (ckpt_format={fmt} saves a single ckpt.pt here)"
+    assert not (tmp_path / 'out').exists()
+    r = launch(1, [*TINY, f'--data_dir={shakespeare_char_dir}', f'--out_dir={tmp_path / "out"}', '--async_save=2',
+                   '--ckpt_format=dcp'])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and 'async_save' in r.stderr, r.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_async_save_sigterm_to_rank_1_saves_and_resumes_bitwise(ddp, shakespeare_char_dir, tmp_path):
+    """The preemption path with async_save=True, 2-rank DDP as the ddp fixture: SIGTERM to rank 1 once iter 1
+    is logged; both ranks save (in the background), wait for it, and exit 0 with the checkpoint committed
+    at the iter they stopped (not evaluated); the printed resume command, under torchrun, finishes with the
+    uninterrupted synchronous run's losses at every iter and its final weights, bitwise."""
+    out = tmp_path / 'out'
+    args = [*TINY, '--dropout=0.1', f'--data_dir={shakespeare_char_dir}', '--ckpt_format=dcp', '--async_save=True',
+            f'--out_dir={out}']
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          'train.py', *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env())
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None and not (
+            (out / 'log.jsonl').exists() and '"iter": 1,' in (out / 'log.jsonl').read_text()):
+        time.sleep(0.05)
+    workers = Path(f'/proc/{p.pid}/task/{p.pid}/children').read_text().split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGTERM)  # torchrun starts rank 0 first
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr[-3000:]
+    stopped = checkpoint.load(str(out / 'ckpt.dcp'), tensors=False)
+    assert f'stopped at iter {stopped["iter_num"]} and saved a checkpoint ({out / "ckpt.dcp"})' in stdout
+    assert stopped['evaluated'] is False and 1 < stopped['iter_num'] < 8
+    assert os.readlink(out / 'ckpt.dcp') == f'ckpt-{stopped["iter_num"]}.dcp' and not list(out.glob('.*tmp'))
+    resume = shlex.split(stdout.split('resume with:\n')[1].splitlines()[0])
+    r = ok(launch(2, resume[2:]))
+    assert f'resumed from {out / "ckpt.dcp"} at iter {stopped["iter_num"]}' in r.stdout
+    ref = ddp[0]
+    assert losses(out) == losses(ref)
+    a, b = checkpoint.load(str(out / 'ckpt.dcp')), checkpoint.load(str(ref / 'ckpt.dcp'))
+    assert a['iter_num'] == 8 and all(torch.equal(a['model'][k], b['model'][k]) for k in b['model'])
