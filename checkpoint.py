@@ -306,8 +306,9 @@ def save_run(path, model, optimizer, state, keep_last=1, sharded=False, master=T
         model_sd, optim_sd = parallel.full_state_dict(model), parallel.full_optim_state_dict(model, optimizer)
     elif master:
         model_sd, optim_sd = strip_compile_prefix(model.state_dict()), optimizer.state_dict()
+    rngs = _gather(state['rng'])  # every rank's RNGs (a collective): each rank resumes its own dropout stream
     if master:
-        obj = {'format_version': FORMAT_VERSION, 'model': model_sd, 'optimizer': optim_sd, **state}
+        obj = {'format_version': FORMAT_VERSION, 'model': model_sd, 'optimizer': optim_sd, **state, 'rng_by_rank': rngs}
         save(dict(obj, checksums=tensor_checksums(obj)), path)
         keep_history(path, state['iter_num'], keep_last)
 
@@ -322,16 +323,14 @@ def load_model(model, ckpt):
 def restore_run(ckpt, model, optimizer, scaler, data_gen, sharded=False, reseed=None):
     """train.py's resume, after the model's weights are loaded and sharded and its optimizer built:
     AdamW (the checkpoint holds the full state, whatever number of processes saved it), the GradScaler,
-    the data sampler, and the RNGs. A single file holds only rank 0's RNGs: reseed (the other ranks)
-    seeds fresh dropout streams instead. A DCP checkpoint holds every rank's: each rank restores its own
-    when the world size is the one that saved (else as the single file)."""
+    the data sampler, and the RNGs. Both formats hold every rank's RNGs: each rank restores its own when
+    the world size is the one that saved; else (or from a file older than rng_by_rank) rank 0's, and
+    reseed (the other ranks) seeds fresh dropout streams."""
     wait_for_saves()
     rank, world = _rank_world()
     if ckpt.get('ckpt_format') == 'dcp':
         import parallel
         parallel.dcp_load(model, optimizer, ckpt['_dir'], ckpt['optim_groups'], _SafeReader(ckpt['_dir']))
-        if len(ckpt['rng_by_rank']) == world:
-            reseed, ckpt['rng'] = None, ckpt['rng_by_rank'][rank]
     elif sharded:
         import parallel
         parallel.load_full_optim_state_dict(model, optimizer, ckpt['optimizer'])
@@ -340,6 +339,8 @@ def restore_run(ckpt, model, optimizer, scaler, data_gen, sharded=False, reseed=
     if scaler.is_enabled() and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     data_gen.set_state(ckpt['sampler_state'])
+    if len(ckpt.get('rng_by_rank', ())) == world:
+        reseed, ckpt['rng'] = None, ckpt['rng_by_rank'][rank]
     if reseed is None:
         set_rng_state(ckpt['rng'])
     else:
@@ -666,7 +667,7 @@ def _full_optim(flat, groups):
 def to_single(src, dst):
     """A DCP checkpoint (any layout) -> one ckpt.pt file, in one process."""
     ckpt = load(src, tensors=True)
-    for k in ('_dir', 'ckpt_format', 'optim_groups', 'world_size', 'rng_by_rank'):
+    for k in ('_dir', 'ckpt_format', 'optim_groups', 'world_size'):
         ckpt.pop(k, None)
     save(dict(ckpt, checksums=tensor_checksums(ckpt)), dst)
 
@@ -700,8 +701,9 @@ def to_dcp(src, dst):
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', 'torch.distributed is disabled')
         dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1), no_dist=True)
-    state = {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer', 'checksums', 'rng')}
-    _write_dcp_extras(tmp, dict(state, ckpt_format='dcp', rng_by_rank=[ckpt['rng']], optim_groups=groups,
+    state = {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer', 'checksums', 'rng', 'rng_by_rank')}
+    rngs = ckpt.get('rng_by_rank', [ckpt['rng']])
+    _write_dcp_extras(tmp, dict(state, ckpt_format='dcp', rng_by_rank=rngs, optim_groups=groups,
                                 world_size=1), [])
     _commit_dcp(tmp, dst, ckpt['iter_num'])
 

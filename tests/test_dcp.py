@@ -204,6 +204,23 @@ def test_ddp_dcp_resume_is_exact(ddp):
     assert (ref / 'ckpt-8.dcp' / '__1_0.distcp').stat().st_size > 0
 
 
+def test_ddp_single_file_resume_is_exact(shakespeare_char_dir, tmp_path):
+    """The single file holds every rank's RNG states too (rng_by_rank, gathered to rank 0 at the save):
+    2-rank DDP, dropout 0.1, ckpt_format=single, resumed from iter 4: the later losses and the final weights
+    equal the uninterrupted run's bitwise (before, rank 1 reseeded and its dropout took another stream)."""
+    args = [*TINY, '--dropout=0.1', f'--data_dir={shakespeare_char_dir}', '--ckpt_format=single']
+    ref = tmp_path / 'ref'
+    ok(launch(2, [*args, f'--out_dir={ref}']))
+    c4 = checkpoint.load(ref / 'ckpt-4.pt')
+    assert len(c4['rng_by_rank']) == 2 and not torch.equal(c4['rng_by_rank'][0]['torch'], c4['rng_by_rank'][1]['torch'])
+    res = resume_from(ref, 'ckpt-4.pt', tmp_path / 'res')
+    ok(launch(2, [*args, f'--out_dir={res}', '--init_from=resume']))
+    lr, ls = losses(ref), losses(res)
+    assert [lr[i] for i in range(4, 8)] == [ls[i] for i in range(4, 8)]
+    a, b = checkpoint.load(ref / 'ckpt.pt'), checkpoint.load(res / 'ckpt.pt')
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
 @pytest.mark.parametrize('mode', ['sync', 'async'])
 def test_kill_9_during_dcp_save_keeps_previous_checkpoint(ep4, shakespeare_char_dir, tmp_path, mode):
     """A DCP save killed (kill -9) after every shard, run.pt and checksums.json are written but before its
