@@ -57,3 +57,25 @@ def shakespeare_char_dir(tmp_path_factory, tinyshakespeare):
     d = tmp_path_factory.mktemp('data')
     prepare('shakespeare_char', data_dir=d, input=tinyshakespeare)
     return d
+
+
+# ----------------------------------------------------------------------------- the quick job and the long one
+# `pytest tests` (README's command, what .ci/run runs) is the quick job, about 10 minutes on 2 cores.
+# Tests marked slow (several processes, or many whole training runs) run only with --full, the long job
+# (`bash .ci/run --full`): they are deselected, not skipped, and the summary line counts them.
+
+def pytest_addoption(parser):
+    parser.addoption('--full', action='store_true', help='the long job: also the tests marked slow')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: several processes or minutes of training: the long job (--full)')
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--full'):
+        return
+    slow = [item for item in items if item.get_closest_marker('slow')]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker('slow')]

@@ -164,6 +164,7 @@ def hostile_pairs(keys, conf_dir):
     return pairs
 
 
+@pytest.mark.slow  # the long job: ~4,800 dry runs
 def test_every_key_hostile_values_fail_clearly_or_run_sanely(finished, shakespeare_char_dir, tmp_path):
     """Property: for every config key of train.py and every hostile value, from scratch and resuming the
     finished run in out_dir: a sane dry run (exit 0) or the contract, and out_dir and the working folder

@@ -85,6 +85,7 @@ def ep4(shakespeare_char_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_ep4_run_saves_sharded_dcp_checkpoints(ep4):
     """Every rank wrote its own shard file, nothing was gathered into a ckpt.pt, keep_last=2 kept the two
     newest directories, ckpt.dcp links the newest, every file has its checksum, no temp is left."""
@@ -111,6 +112,7 @@ LAYOUTS = {  # name: (processes, extra args)
 }
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_ep4_checkpoint_resumes_in_another_layout(ep4, shakespeare_char_dir, tmp_path, layout):
     """The resharding matrix: EP=4's iter-4 DCP checkpoint resumed at another layout continues the
@@ -132,6 +134,7 @@ def test_ep4_checkpoint_resumes_in_another_layout(ep4, shakespeare_char_dir, tmp
         assert val[-1]['val_ce'] == pytest.approx(ref_val[-1]['val_ce'], rel=REL_TOL)
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_dcp_resume_in_one_process_equals_resume_from_the_converted_single_file(ep4, shakespeare_char_dir,
                                                                                  tmp_path):
     """Resharding loses nothing: EP=4's DCP checkpoint resumed in one process and the same checkpoint
@@ -153,6 +156,7 @@ def test_dcp_resume_in_one_process_equals_resume_from_the_converted_single_file(
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_conversion_round_trip_keeps_every_tensor(ep4, tmp_path):
     """DCP (EP=4 shards) -> ckpt.pt -> DCP: the model, every AdamW moment and step, the sampler and RNG
     states are equal at each stage; converting onto an existing name is refused (exit 2, one line)."""
@@ -204,6 +208,7 @@ def test_ddp_dcp_resume_is_exact(ddp):
     assert (ref / 'ckpt-8.dcp' / '__1_0.distcp').stat().st_size > 0
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_ddp_single_file_resume_is_exact(shakespeare_char_dir, tmp_path):
     """The single file holds every rank's RNG states too (rng_by_rank, gathered to rank 0 at the save):
     2-rank DDP, dropout 0.1, ckpt_format=single, resumed from iter 4: the later losses and the final weights
@@ -221,6 +226,7 @@ def test_ddp_single_file_resume_is_exact(shakespeare_char_dir, tmp_path):
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 @pytest.mark.parametrize('mode', ['sync', 'async'])
 def test_kill_9_during_dcp_save_keeps_previous_checkpoint(ep4, shakespeare_char_dir, tmp_path, mode):
     """A DCP save killed (kill -9) after every shard, run.pt and checksums.json are written but before its
@@ -249,6 +255,7 @@ def test_kill_9_during_dcp_save_keeps_previous_checkpoint(ep4, shakespeare_char_
     assert sorted(f for f in os.listdir(out) if 'dcp' in f) == ['ckpt-4.dcp', 'ckpt-8.dcp', 'ckpt.dcp']
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_byte_flipped_in_a_dcp_shard_is_a_clear_error_naming_the_file(ep4, shakespeare_char_dir, tmp_path):
     """One byte flipped inside a tensor's data in a shard file: resuming (and sample.py) exit 2 with one
     line naming that file and the previous kept checkpoint (ckpt-4.dcp) as the way back; nothing is
@@ -345,6 +352,7 @@ def same(a, b):
     return a == b
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_async_save_equals_sync_save_and_resumes_bitwise(ddp, ddp_async):
     """2-rank DDP (dropout 0.1), ckpt_format=dcp, async_save=True against the same run saving synchronously
     (the ddp fixture): every checkpoint (iters 4 and 8) holds the same everything bitwise (model, AdamW
@@ -373,6 +381,7 @@ def test_async_save_equals_sync_save_and_resumes_bitwise(ddp, ddp_async):
     assert a['iter_num'] == 8 and same(a['model'], s['model']) and same(a['optimizer'], s['optimizer'])
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 @pytest.mark.parametrize('layout', ['ep', 'fsdp'])
 def test_async_save_stages_a_copy_training_may_change(tmp_path, layout):
     """tests/async_save_worker.py (2 ranks, expert_parallel=2 or FSDP2: DTensors to stage): the save is still unwritten when save_run
@@ -409,6 +418,7 @@ def test_async_save_without_dcp_is_one_line_exit_2(shakespeare_char_dir, tmp_pat
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_async_save_sigterm_to_rank_1_saves_and_resumes_bitwise(ddp, shakespeare_char_dir, tmp_path):
     """The preemption path with async_save=True, 2-rank DDP as the ddp fixture: SIGTERM to rank 1 once iter 1
     is logged; both ranks save (in the background), wait for it, and exit 0 with the checkpoint committed

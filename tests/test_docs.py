@@ -237,6 +237,8 @@ def plan(cmd):
                      'requirement parses, and a torch pin is the one .ci/run installs', 'static')
     if prog == 'python' and args == ['-m', 'pytest', '-q', 'tests']:
         return Check('this suite itself: checked to be exactly the test command .ci/run runs', 'static')
+    if prog == 'python' and args == ['-m', 'pytest', '-q', 'tests', '--full']:
+        return Check('the long job (`bash .ci/run --full`): checked to be the test command plus --full', 'static')
     if prog == 'python' and args[:1] == ['-c']:
         key = 'out-moe-8e' if 'out-moe-8e/' in text else 'python-c'
         return Check('run as written', 'run', key=key, order=5)
@@ -421,6 +423,12 @@ class Result:
         return f'exit {self.rc}\n--- output (tail) ---\n{self.out[-4000:]}'
 
 
+def is_slow(p):
+    """Commands that train, sample or build a venv for real: the long job (conftest.py, pytest --full).
+    The quick job keeps prepare.py's (the dry runs read their data), every dry run and bench's checks."""
+    return p is not None and (p.kind in ('sample', 'script', 'venv') or (p.kind == 'run' and p.key != 'prepare'))
+
+
 def run_batch(jobs, sb, env, workdir, torchrun=0):
     """Run jobs in one python process (or in each process of a 2-process torchrun launch)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -448,11 +456,14 @@ def run_shell(text, sb, env, extra=(), timeout=600):
 
 
 @pytest.fixture(scope='module')
-def results(sandbox, tiny_gpt2, tmp_path_factory):
-    """Run every command once; each test below then asserts on its own command's result."""
+def results(sandbox, tiny_gpt2, tmp_path_factory, request):
+    """Run every command once (the quick job: all but is_slow's); each test below then asserts on its own
+    command's result."""
     sb, env = sandbox
     res, lock = {}, threading.Lock()
+    full = request.config.getoption('--full')
     plans = {c.text: plan(c) for c in COMMANDS}
+    plans = {t: None if is_slow(p) and not full else p for t, p in plans.items()}  # None: not run here
 
     def put(text, result):
         with lock:
@@ -585,7 +596,7 @@ def test_every_command_is_run_or_checked():
 def test_ci_runs_the_readme_test_command():
     ci = (REPO / '.ci/run').read_text().strip().splitlines()
     readme = (REPO / 'README.md').read_text()
-    assert ci[-1] == 'python -m pytest -q tests' and 'python -m pytest -q tests' in readme
+    assert ci[-1] == 'python -m pytest -q tests "$@"' and 'python -m pytest -q tests' in readme  # "$@": --full
     torch_pin = [ln for ln in ci if ln.startswith('pip install') and 'torch==' in ln]
     assert torch_pin and all(re.search(r'\btorch==[\d.]+', c.text) is None or
                              re.search(r'torch==[\d.]+', c.text).group(0) in torch_pin[0]
@@ -657,11 +668,12 @@ def check_static(text):
                     f'{text}: .ci/run pins another torch'
             i += 1
         return
-    assert argv == ['python', '-m', 'pytest', '-q', 'tests'], text
-    assert (REPO / '.ci/run').read_text().strip().splitlines()[-1] == text
+    assert argv[:5] == ['python', '-m', 'pytest', '-q', 'tests'] and argv[5:] in ([], ['--full']), text
+    assert (REPO / '.ci/run').read_text().strip().splitlines()[-1] == 'python -m pytest -q tests "$@"'
 
 
-@pytest.mark.parametrize('cmd', COMMANDS, ids=[f'{c.where[0]} {c.text[:70]}' for c in COMMANDS])
+@pytest.mark.parametrize('cmd', [pytest.param(c, marks=[pytest.mark.slow] * is_slow(plan(c))) for c in COMMANDS],
+                         ids=[f'{c.where[0]} {c.text[:70]}' for c in COMMANDS])
 def test_doc_command(cmd, request):
     p = plan(cmd)
     assert p is not None, f'no rule runs or checks {cmd.text!r} (see test_every_command_is_run_or_checked)'

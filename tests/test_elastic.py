@@ -157,6 +157,7 @@ def test_init_from_auto_without_checkpoint_moves_an_earlier_run_aside(shakespear
 
 
 # ----------------------------------------------------------------------------- elastic restart
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_elastic_restart_after_kill_9_finishes_like_an_uninterrupted_run(ddp_reference, shakespeare_char_dir,
                                                                          tmp_path):
     """`torchrun --max-restarts=2 ... --init_from=auto`, 2 processes. Attempt 0: kill -9 of rank 1 in the middle
@@ -188,6 +189,7 @@ def test_elastic_restart_after_kill_9_finishes_like_an_uninterrupted_run(ddp_ref
 
 
 # ----------------------------------------------------------------------------- DDP preemption
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_ddp_sigterm_to_rank_1_saves_once_and_the_printed_command_resumes_bitwise(ddp_reference,
                                                                                   shakespeare_char_dir, tmp_path):
     """SIGTERM to rank 1 only, in iter 5's step: both ranks stop after iter 6 (the flag is read one step
@@ -221,6 +223,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_two_nodes_on_one_machine_match_one_node_of_4(shakespeare_char_dir, tmp_path):
     """docs/distributed.md's multi-node launch, both "nodes" on this machine: two torchrun launchers with
     --nnodes=2 --node_rank=0/1 --master_addr=127.0.0.1, 2 processes each (gloo). The 4 ranks train exactly

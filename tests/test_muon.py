@@ -330,6 +330,7 @@ def test_expert_parallel_update_equals_single_process_bitwise(tmp_path):
     assert r['state_equal']
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 def test_expert_parallel_dcp_resume_is_bitwise(char_data, tmp_path):
     """expert_parallel=2 with its default checkpoint (ckpt_format auto: DCP, every rank its own shard): stop
     at iter 4, resume to 8 == straight to 8, bitwise: losses, weights, and Muon's momentum buffers and
@@ -360,6 +361,7 @@ def movement_ratios(single, multi):
             for k in cs['model'] if k in init}
 
 
+@pytest.mark.slow  # the long job: several multi-process runs
 @pytest.mark.parametrize('ep', [1, 2])
 def test_ddp_and_expert_parallel_train_like_single_process(char_data, tmp_path, ep):
     """train.py under torchrun, 2 processes (gloo), plain DDP and expert_parallel=2 == 1 process accumulating
