@@ -413,6 +413,19 @@ def test_bfloat16_autocast_trains(char_data, tmp_path):
     assert len(ls) == 12 and ls[-1] < ls[0] - 0.1, ls
 
 
+def test_compiled_model_trains_with_muon_like_eager(char_data, tmp_path):
+    """--compile=True (inductor, on the CPU) compiles the model, not the optimizer: Muon steps the compiled
+    model's parameters, and 3 iters give the eager run's losses to float tolerance (inductor fuses the
+    same math in another order)."""
+    common = [*TINY, f'--data_dir={char_data}', '--max_iters=3', '--eval_interval=3', '--lr_decay_iters=3',
+              '--learning_rate=3e-3']
+    ok(train([*common, f'--out_dir={tmp_path / "eager"}']))
+    r = ok(train([*common, f'--out_dir={tmp_path / "compiled"}', '--compile=True']))
+    assert 'compiling the model' in r.stdout, r.stdout[-2000:]
+    le, lc = losses(tmp_path / 'eager'), losses(tmp_path / 'compiled')
+    assert len(le) == 3 and le[-1] < le[0] and lc == pytest.approx(le, rel=1e-4, abs=1e-5)
+
+
 def test_dry_run(char_data, tmp_path):
     r = ok(train([*TINY, f'--data_dir={char_data}', f'--out_dir={tmp_path / "out"}', '--dry_run']))
     assert "optimizer='muon'" in r.stdout and 'dry run: every check passed' in r.stdout
