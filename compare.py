@@ -46,13 +46,15 @@ SUITES = {
     # Muon against AdamW (issue 23; docs/results.md, "Muon"): dense and 8e top-2 at equal active FLOPs, each with
     # AdamW and with Muon (optimizer='muon': Muon on the hidden matrices and each expert's, AdamW on the rest), at
     # cpu_baby's recipe shortened to 1000 iterations (its own full schedule). The runs are a learning-rate sweep,
-    # values a factor 2-3 apart per model and optimizer (AdamW: learning_rate; Muon: muon_lr, its AdamW part at
-    # the recipe's 1e-3): --seeds 1 runs the sweep, then --seeds 3 --only <the best four> the seeds
+    # values a factor 2-3 apart per model and optimizer (AdamW: learning_rate 5e-4 .. 8e-3; Muon: muon_lr 1e-3 ..
+    # 3e-2, its AdamW part at the recipe's 1e-3): --seeds 1 runs the sweep, then --seeds 3 --only <the best four>
+    # the seeds. The reference (first) is AdamW dense at the sweep's best rate, 4e-3
     'cpu_muon': dict(recipe=['config/moe_8e_cpu.py', '--max_iters=1000', '--lr_decay_iters=1000'],
                      runs=[(f'{n}{"_lr" + lr if lr != "1e-3" else ""}', f'config/{FAIR_FILES[n]}.py',
-                            [f'--learning_rate={lr}']) for n in ('dense', 'moe_8e_top2') for lr in ('1e-3', '5e-4', '2e-3', '4e-3')]
+                            [f'--learning_rate={lr}'])
+                           for n in ('dense', 'moe_8e_top2') for lr in ('4e-3', '5e-4', '1e-3', '2e-3', '8e-3')]
                      + [(f'{n}_muon_lr{lr}', f'config/{FAIR_FILES[n]}.py', ['--optimizer=muon', f'--muon_lr={lr}'])
-                        for n in ('dense', 'moe_8e_top2') for lr in ('1e-3', '3e-3', '1e-2')]),
+                        for n in ('dense', 'moe_8e_top2') for lr in ('1e-3', '3e-3', '1e-2', '3e-2')]),
 }
 # the routing zoo (--run): one config per routing design, nanoGPT's CPU recipe sizes
 ZOO = ['dense', 'mixtral_top2', 'switch_top1', 'noisy_topk', 'shared_experts', 'fine_grained',
