@@ -23,7 +23,7 @@ SEEDS = [1337, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # --seeds N takes the first N (1337: 
 
 # A suite: a base recipe (config files + overrides) and named runs (config file + overrides) x seeds.
 # The first run is the reference the multipliers are measured against. ladder (--ladder): the reference again
-# at k x the iterations, each with its own full schedule; their final points extend the reference's curve, so
+# (its overrides too) at k x the iterations, each with its own full schedule; their final points extend the reference's curve, so
 # a run better than the reference's best gets a measured multiplier, not just a lower bound.
 FAIR = ['dense', 'moe_8e_top2', 'moe_8e_top2_full', 'fine_32e_top8', 'shared_8e_top1', 'dense_total']
 FAIR_FILES = dict(dense='fair_dense', moe_8e_top2='fair_moe_8e_top2', moe_8e_top2_full='fair_moe_8e_top2_full',
@@ -54,7 +54,8 @@ SUITES = {
                             [f'--learning_rate={lr}'])
                            for n in ('dense', 'moe_8e_top2') for lr in ('4e-3', '5e-4', '1e-3', '2e-3', '8e-3')]
                      + [(f'{n}_muon_lr{lr}', f'config/{FAIR_FILES[n]}.py', ['--optimizer=muon', f'--muon_lr={lr}'])
-                        for n in ('dense', 'moe_8e_top2') for lr in ('1e-3', '3e-3', '1e-2', '3e-2')]),
+                        for n in ('dense', 'moe_8e_top2') for lr in ('1e-3', '3e-3', '1e-2', '3e-2')],
+                     ladder=[('dense_lr4e-3_x2', 'config/fair_dense.py', 2), ('dense_lr4e-3_x4', 'config/fair_dense.py', 4)]),
 }
 # the routing zoo (--run): one config per routing design, nanoGPT's CPU recipe sizes
 ZOO = ['dense', 'mixtral_top2', 'switch_top1', 'noisy_topk', 'shared_experts', 'fine_grained',
@@ -150,7 +151,7 @@ def suite_runs(suite, seeds, root, only=None, extra=(), ladder=False):
                 continue
             out_dir = os.path.join(root, f'{name}-s{seed}')
             k = over if isinstance(over, int) else None  # a ladder step: k x the suite's iterations
-            args = [*s['recipe'], cfg, *([] if k else over), *extra, f'--seed={seed}', f'--out_dir={out_dir}',
+            args = [*s['recipe'], cfg, *(s['runs'][0][2] if k else over), *extra, f'--seed={seed}', f'--out_dir={out_dir}',
                     '--always_save_checkpoint=True']
             if k:  # as many evals (and checkpoints) as the suite's runs
                 base = resolve(args)
