@@ -23,8 +23,8 @@ SEEDS = [1337, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # --seeds N takes the first N (1337: 
 
 # A suite: a base recipe (config files + overrides) and named runs (config file + overrides) x seeds.
 # The first run is the reference the multipliers are measured against. ladder (--ladder): the reference again
-# (its overrides too) at k x the iterations, each with its own full schedule; their final points extend the reference's curve, so
-# a run better than the reference's best gets a measured multiplier, not just a lower bound.
+# (its overrides too) at k x the iterations, each with its own full schedule; their final points extend the
+# reference's curve, so a run better than the reference's best gets a measured multiplier, not just a lower bound.
 FAIR = ['dense', 'moe_8e_top2', 'moe_8e_top2_full', 'fine_32e_top8', 'shared_8e_top1', 'dense_total']
 FAIR_FILES = dict(dense='fair_dense', moe_8e_top2='fair_moe_8e_top2', moe_8e_top2_full='fair_moe_8e_top2_full',
                   fine_32e_top8='fair_fine_32e_top8', shared_8e_top1='fair_shared_8e_top1',

@@ -60,7 +60,7 @@ def shakespeare_char_dir(tmp_path_factory, tinyshakespeare):
 
 
 # ----------------------------------------------------------------------------- the quick job and the long one
-# `pytest tests` (README's command, what .ci/run runs) is the quick job, about 10 minutes on 2 cores.
+# `pytest tests` (README's command, what .ci/run runs) is the quick job (23 min on 2 cores, README.md).
 # Tests marked slow (several processes, or many whole training runs) run only with --full, the long job
 # (`bash .ci/run --full`): they are deselected, not skipped, and the summary line counts them.
 

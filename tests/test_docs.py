@@ -423,10 +423,15 @@ class Result:
         return f'exit {self.rc}\n--- output (tail) ---\n{self.out[-4000:]}'
 
 
-def is_slow(p):
-    """Commands that train, sample or build a venv for real: the long job (conftest.py, pytest --full).
-    The quick job keeps prepare.py's (the dry runs read their data), every dry run and bench's checks."""
-    return p is not None and (p.kind in ('sample', 'script', 'venv') or (p.kind == 'run' and p.key != 'prepare'))
+def is_slow(cmd):
+    """Commands of docs/ that train, sample or build a venv for real: the long job (conftest.py, pytest
+    --full). The quick job keeps the README's (its quick start on a fresh venv above all; not its
+    compare.py suites, hours at full size), prepare.py's (the dry runs read their data), every dry run
+    and bench's checks."""
+    p = plan(cmd)
+    real = p is not None and (p.kind in ('sample', 'script', 'venv') or (p.kind == 'run' and p.key != 'prepare'))
+    readme = any(w.startswith('README.md') for w in cmd.where) and 'compare.py' not in cmd.text
+    return real and not readme
 
 
 def run_batch(jobs, sb, env, workdir, torchrun=0):
@@ -463,7 +468,7 @@ def results(sandbox, tiny_gpt2, tmp_path_factory, request):
     res, lock = {}, threading.Lock()
     full = request.config.getoption('--full')
     plans = {c.text: plan(c) for c in COMMANDS}
-    plans = {t: None if is_slow(p) and not full else p for t, p in plans.items()}  # None: not run here
+    plans.update({c.text: None for c in COMMANDS if is_slow(c) and not full})  # None: not run here
 
     def put(text, result):
         with lock:
@@ -672,7 +677,7 @@ def check_static(text):
     assert (REPO / '.ci/run').read_text().strip().splitlines()[-1] == 'python -m pytest -q tests "$@"'
 
 
-@pytest.mark.parametrize('cmd', [pytest.param(c, marks=[pytest.mark.slow] * is_slow(plan(c))) for c in COMMANDS],
+@pytest.mark.parametrize('cmd', [pytest.param(c, marks=[pytest.mark.slow] * is_slow(c)) for c in COMMANDS],
                          ids=[f'{c.where[0]} {c.text[:70]}' for c in COMMANDS])
 def test_doc_command(cmd, request):
     p = plan(cmd)
