@@ -187,8 +187,9 @@ def skip_routing(layer):
         B, S, D = x_BSD.shape
         T, E, K = B * S, layer.n_experts, layer.top_k
         counts_E = torch.full((E,), T * K // E, device=x_BSD.device)
+        offs_E1 = torch.arange(0, T * K + 1, T * K // E, dtype=torch.int32, device=x_BSD.device)  # (E+1,)
         expert_N = torch.arange(E, device=x_BSD.device).repeat_interleave(T * K // E)
-        y_ND = layer.experts(x_BSD.reshape(T, D).repeat(K, 1), counts_E, expert_N)  # (T*K, D), K copies
+        y_ND = layer.experts(x_BSD.reshape(T, D).repeat(K, 1), offs_E1, expert_N)  # (T*K, D), K copies
         zero = x_BSD.new_zeros(())
         aux = dict(losses={}, expert_counts=counts_E.float(), drop_frac=zero, router_entropy=zero)
         return y_ND.view(K, T, D).mean(0).view(B, S, D), aux

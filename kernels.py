@@ -1,7 +1,7 @@
 """
-The GPU-specific pieces of the MoE layer, kept out of model.py so that it reads like the math:
-grouped_mm with its CUDA rules, expert biases as a pointwise add, and the dispatch permutation whose
-backward needs no atomic adds.
+The GPU-specific pieces of the MoE layer, kept out of model.py so that it reads like the math: the
+softmax router's backward in one node, grouped_mm with its CUDA rules, expert biases as a pointwise add,
+and the dispatch permutation whose backward needs no atomic adds.
 model.py's GroupedExperts.forward_loop is the readable reference these must equal
 (tests/test_model.py, and tests/test_cuda_rules.py emulates CUDA's rules on a CPU).
 """
@@ -17,6 +17,39 @@ def chunked_lm_head(device):
     where the whole fp32 logits cost GBs a step. On a CPU torch's default chunking for fp32 measured
     up to 4x slower than the plain path (docs/performance.md), and memory is rarely the limit there."""
     return hasattr(F, 'linear_cross_entropy') and device.type == 'cuda'
+
+
+class SoftmaxTopK(torch.autograd.Function):
+    """Mixtral's router after its logits, as one autograd node: probs = softmax(logits), the ids of the
+    top-k logits, gates = softmax(top-k logits) (= the renormalised top-k probabilities), and lse =
+    logsumexp(logits) (the z-loss's). Forward is the four ops it would be anyway. Backward writes the
+    logits' gradient once: the softmax backward of probs, the top-k's scatter added in place, and lse's
+    gradient as probs * d/dlse (d lse / d logits = probs, already here), added in place. Autograd's own
+    would build a zero tensor for the scatter, recompute exp(logits - lse) and add up four gradients."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, k):
+        probs_TE = F.softmax(logits_TE, dim=-1)
+        best_TK, ids_TK = torch.topk(logits_TE, k, dim=-1)
+        gates_TK = F.softmax(best_TK, dim=-1)
+        lse_T = torch.logsumexp(logits_TE, dim=-1)
+        ctx.save_for_backward(probs_TE, gates_TK, ids_TK)
+        ctx.mark_non_differentiable(ids_TK)
+        ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros
+        ctx.logits_dtype, ctx.logits_shape = logits_TE.dtype, logits_TE.shape
+        return probs_TE, ids_TK, gates_TK, lse_T
+
+    @staticmethod
+    def backward(ctx, grad_probs_TE, _, grad_gates_TK, grad_lse_T):
+        probs_TE, gates_TK, ids_TK = ctx.saved_tensors
+        dt = ctx.logits_dtype
+        grad_TE = (torch._softmax_backward_data(grad_probs_TE, probs_TE, -1, dt) if grad_probs_TE is not None
+                   else probs_TE.new_zeros(ctx.logits_shape, dtype=dt))
+        if grad_gates_TK is not None:
+            grad_TE.scatter_add_(1, ids_TK, torch._softmax_backward_data(grad_gates_TK, gates_TK, -1, dt))
+        if grad_lse_T is not None:
+            grad_TE.addcmul_(probs_TE.to(dt), grad_lse_T.to(dt).unsqueeze(1))
+        return grad_TE, None
 
 
 def use_grouped_mm(expert_impl, device_type, dtype, aligned=True):
@@ -50,46 +83,49 @@ class ZeroEmptyExpertGrads(torch.autograd.Function):
     """Identity in forward; in backward the gradient of every expert with no rows is set to exactly 0."""
 
     @staticmethod
-    def forward(ctx, w_EXY, counts_E):
-        ctx.save_for_backward(counts_E)
+    def forward(ctx, w_EXY, offs_E1):
+        ctx.save_for_backward(offs_E1)
         return w_EXY.view_as(w_EXY)
 
     @staticmethod
     def backward(ctx, grad_EXY):
-        counts_E, = ctx.saved_tensors
-        return torch.where(counts_E.view(-1, 1, 1) > 0, grad_EXY, 0), None
+        offs_E1, = ctx.saved_tensors
+        return torch.where(offs_E1.diff().view(-1, 1, 1) > 0, grad_EXY, 0), None
 
 
 class ExpertBias(torch.autograd.Function):
-    """h_NF + b_EF[expert of each row] for rows sorted by expert: a pointwise add (torch.compile fuses it
-    with the activation) instead of widening the GEMMs by bias columns. The gradient of b is each
-    expert's rows summed, one segmented reduction in fp32 (a dense Linear's bias gradient accumulates in
-    fp32 too), not index_select's backward of atomic adds. Rows past sum(counts_E) (dropped by capacity)
-    are left out of every sum."""
+    """h_NF += b_EF[expert of each row] for rows sorted by expert: a pointwise add in place (torch.compile
+    fuses it with the activation) instead of widening the GEMMs by bias columns. b stays in its own dtype:
+    the add runs in the wider one and rounds once into h's, with no separate cast of b. The gradient of b
+    is each expert's rows summed, one segmented reduction in fp32 (a dense Linear's bias gradient
+    accumulates in fp32 too), not index_select's backward of atomic adds. offs_E1 (E+1,): the first row
+    of each expert, then the end of the kept rows; rows past it (dropped by capacity) are in no sum."""
 
     @staticmethod
-    def forward(ctx, h_NF, b_EF, expert_N, counts_E):
-        ctx.save_for_backward(counts_E)
+    def forward(ctx, h_NF, b_EF, expert_N, offs_E1):
+        ctx.save_for_backward(offs_E1)
         ctx.b_dtype = b_EF.dtype
-        return h_NF + b_EF.to(h_NF.dtype).index_select(0, expert_N)
+        ctx.mark_dirty(h_NF)  # h is a grouped_mm output: its backward needs the inputs, not h
+        return h_NF.add_(b_EF.index_select(0, expert_N))
 
     @staticmethod
     def backward(ctx, grad_NF):
-        counts_E, = ctx.saved_tensors
-        # unsafe: the check that the lengths are non-negative would read them on the host (a sync)
+        offs_E1, = ctx.saved_tensors
+        # unsafe: the check that the offsets increase would read them on the host (a sync)
         acc = torch.promote_types(grad_NF.dtype, torch.float32)
-        grad_EF = torch.segment_reduce(grad_NF.to(acc), 'sum', lengths=counts_E, unsafe=True)
+        grad_EF = torch.segment_reduce(grad_NF.to(acc), 'sum', offsets=offs_E1, unsafe=True)
         return grad_NF, grad_EF.to(ctx.b_dtype), None, None
 
 
-def grouped_mlp(x_ND, w1_EDF, b1_EF, w2_EHD, b2_ED, counts_E, expert_N, kept_N1, act):
+def grouped_mlp(x_ND, w1_EDF, b1_EF, w2_EHD, b2_ED, offs_E1, expert_N, kept_N1, act):
     """Every expert's MLP on its contiguous rows of x_ND in two grouped_mm calls: act(x w1 + b1) w2 + b2;
-    expert_N: each sorted row's expert (E on dropped rows). CUDA's grouped_mm allocates its output
+    offs_E1 (E+1,) int32: each expert's first row, then the end of the kept rows (offs_E1[1:] are
+    grouped_mm's offs); expert_N: each sorted row's expert (E on dropped rows). CUDA's grouped_mm allocates its output
     uninitialised and writes only the rows up to offs[-1], in forward and in the input gradient of
     backward: those rows hold garbage (NaN, Inf), and 0 * NaN is NaN. So with dropped rows (kept_N1)
     every grouped_mm output is masked at once, and the activation's output too (its backward input is
     the next grouped_mm's input gradient); the caller masks the output."""
-    offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+    offs_E = offs_E1[1:]
     mm_fn = F.grouped_mm if x_ND.dtype == torch.bfloat16 else grouped_mm_eager
 
     def mm(a, b):
@@ -97,17 +133,17 @@ def grouped_mlp(x_ND, w1_EDF, b1_EF, w2_EHD, b2_ED, counts_E, expert_N, kept_N1,
         return y if kept_N1 is None else torch.where(kept_N1, y, 0)
 
     if kept_N1 is not None and (b1_EF is not None or b2_ED is not None):
-        expert_N = expert_N.clamp(max=counts_E.shape[0] - 1)  # a dropped row's bias is masked out anyway
+        expert_N = expert_N.clamp(max=offs_E.shape[0] - 1)  # a dropped row's bias is masked out anyway
     if empty_expert_grads_unreliable(x_ND.device):
-        w1_EDF, w2_EHD = ZeroEmptyExpertGrads.apply(w1_EDF, counts_E), ZeroEmptyExpertGrads.apply(w2_EHD, counts_E)
+        w1_EDF, w2_EHD = ZeroEmptyExpertGrads.apply(w1_EDF, offs_E1), ZeroEmptyExpertGrads.apply(w2_EHD, offs_E1)
     h_NH = mm(x_ND, w1_EDF)
     if b1_EF is not None:
-        h_NH = ExpertBias.apply(h_NH, b1_EF, expert_N, counts_E)
+        h_NH = ExpertBias.apply(h_NH, b1_EF, expert_N, offs_E1)
     h_NH = act(h_NH)
     if kept_N1 is not None:
         h_NH = torch.where(kept_N1, h_NH, 0)
     y_ND = mm(h_NH, w2_EHD)
-    return y_ND if b2_ED is None else ExpertBias.apply(y_ND, b2_ED, expert_N, counts_E)
+    return y_ND if b2_ED is None else ExpertBias.apply(y_ND, b2_ED, expert_N, offs_E1)
 
 
 class SortRows(torch.autograd.Function):

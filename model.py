@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generation
-from kernels import HAS_GROUPED_MM, SortRows, UnsortRows, chunked_lm_head, grouped_mlp, use_grouped_mm  # noqa: F401
+from kernels import HAS_GROUPED_MM, SoftmaxTopK, SortRows, UnsortRows, chunked_lm_head, grouped_mlp, use_grouped_mm  # noqa: F401
 from layers import CausalSelfAttention, make_norm, rope_cos_sin
 
 # ----------------------------------------------------------------------------- config
@@ -212,6 +212,7 @@ class Routing(NamedTuple):
     probs_TE: torch.Tensor   # (T, E) rows sum to 1: the P of the balance losses
     k: int = 0
     dropped: Optional[torch.Tensor] = None  # routers that leave tokens out (expert choice): their fraction
+    lse_T: Optional[torch.Tensor] = None  # logsumexp(logits_TE) where the router made it (the z-loss's)
 
     def topk(self):
         """(ids_TK, gates_TK) of a fixed-k routing."""
@@ -281,24 +282,24 @@ class Router(nn.Module):
         """Each token's top_k experts by select (default: probs; group-limited if n_group > 1), gated
         by scores (default: probs), renormalised (norm_topk_prob) and scaled (routed_scaling_factor).
         probs_TE=None: the softmax of the logits."""
-        softmax = probs_TE is None and scores_TE is None and select_TE is None and self.config.n_group == 1
-        probs_TE = F.softmax(logits_TE, dim=-1) if probs_TE is None else probs_TE
-        scores_TE = probs_TE if scores_TE is None else scores_TE
-        select_TE = scores_TE if select_TE is None else select_TE
-        if self.config.n_group > 1:
-            select_TE = limit_to_groups(select_TE, self.config.n_group, self.config.topk_group)
-        if softmax and self.norm_topk_prob:  # the renormalised top-k probabilities are the softmax of the
-            # top-k logits (Mixtral's form): one kernel each way instead of a sum and a division
-            best_TK, ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
-            gates_TK = F.softmax(best_TK, dim=-1)
+        lse_T = None
+        if probs_TE is None and scores_TE is None and select_TE is None and self.config.n_group == 1 and self.norm_topk_prob:
+            # Mixtral's form: the renormalised top-k probabilities are the softmax of the top-k logits.
+            # kernels.py: that, probs and the z-loss's lse as one autograd node (5 fewer ops backward)
+            probs_TE, ids_TK, gates_TK, lse_T = SoftmaxTopK.apply(logits_TE, self.top_k)
         else:
+            probs_TE = F.softmax(logits_TE, dim=-1) if probs_TE is None else probs_TE
+            scores_TE = probs_TE if scores_TE is None else scores_TE
+            select_TE = scores_TE if select_TE is None else select_TE
+            if self.config.n_group > 1:
+                select_TE = limit_to_groups(select_TE, self.config.n_group, self.config.topk_group)
             best_TK, ids_TK = torch.topk(select_TE, self.top_k, dim=-1)
             gates_TK = best_TK if select_TE is scores_TE else scores_TE.gather(1, ids_TK)
             if self.norm_topk_prob:
                 gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
         if self.config.routed_scaling_factor != 1.0:
             gates_TK = gates_TK * self.config.routed_scaling_factor
-        return Routing(None, ids_TK.reshape(-1), gates_TK.reshape(-1), logits_TE, probs_TE, k=self.top_k)
+        return Routing(None, ids_TK.reshape(-1), gates_TK.reshape(-1), logits_TE, probs_TE, k=self.top_k, lse_T=lse_T)
 
 
 @register_router('softmax', groups=True)
@@ -378,12 +379,14 @@ def register_loss(name):
     return add
 
 
-def load_balancing_loss(probs_TE, counts_E):
-    """Switch Transformer aux loss, E * sum_i f_i * P_i. f_i: the fraction of the assignments that went to
-    expert i (a count: no gradient); P_i: the mean router probability of expert i. Uniform routing gives
-    exactly 1.0 for any number of experts per token. E / T goes to the side with no gradient: one backward op."""
-    T, E = probs_TE.shape
-    return torch.dot(counts_E.to(probs_TE.dtype) * (E / T) / counts_E.sum(), probs_TE.sum(dim=0))
+def load_balancing_loss(probs_TE, counts_E, n_rows=None):
+    """Switch Transformer aux loss, E * sum_i f_i * P_i. f_i: the fraction of the n_rows assignments
+    (default: counts_E.sum()) that went to expert i (a count: no gradient); P_i: the mean router
+    probability of expert i. Uniform routing gives exactly 1.0 for any number of experts per token.
+    E / (T * n_rows) goes to the side with no gradient, as one number where n_rows is: one op each way."""
+    (T, E), c_E = probs_TE.shape, counts_E.to(probs_TE.dtype)
+    scale = E / T / (c_E.sum() if n_rows is None else n_rows)
+    return torch.dot(c_E * scale, probs_TE.sum(dim=0))
 
 
 def sequence_balancing_loss(probs_BSE, counts_BE):
@@ -403,18 +406,20 @@ def balance_loss(moe, r, counts_E, S):
         token_N = r.tokens()
         counts_BE = count_rows(token_N // S * E + r.expert_N, B * E, r.probs_TE.dtype)  # (B*E,) per (sequence, expert)
         return sequence_balancing_loss(r.probs_TE.view(B, S, E), counts_BE.view(B, E))
-    return load_balancing_loss(r.probs_TE, moe.balance_counts(counts_E))
+    n_rows = None if moe.balance_scope == 'global' else r.expert_N.shape[0]  # global: all ranks' rows
+    return load_balancing_loss(r.probs_TE, moe.balance_counts(counts_E), n_rows)
 
 
-def router_z_loss(logits_TE):
+def router_z_loss(logits_TE, lse_T=None):
     """ST-MoE z-loss: the mean over tokens of logsumexp(logits)^2 (an MSE against 0: one fused op each
-    way, where square().mean() is three backward); keeps router logits small."""
-    return F.mse_loss(torch.logsumexp(logits_TE, dim=-1), logits_TE.new_zeros(logits_TE.shape[0]))
+    way, where square().mean() is three backward); keeps router logits small. lse_T: the router's own."""
+    lse_T = torch.logsumexp(logits_TE, dim=-1) if lse_T is None else lse_T
+    return F.mse_loss(lse_T, lse_T.new_zeros(lse_T.shape))
 
 
 @register_loss('z')
 def z_loss(moe, r, counts_E, S):
-    return router_z_loss(r.logits_TE)
+    return router_z_loss(r.logits_TE, r.lse_T)
 
 
 def pooled_balance_loss(counts_LE, P_LE):
@@ -463,17 +468,18 @@ class GroupedExperts(nn.Module):
     def use_grouped(self, x):
         return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
 
-    def forward(self, x_ND, counts_E, expert_N, kept_N1=None):
-        """x_ND: rows sorted by expert; counts_E: rows per expert; expert_N: each row's expert. kept_N1
-        (capacity): False on the dropped rows past sum(counts_E), whose output must be exactly 0."""
+    def forward(self, x_ND, offs_E1, expert_N, kept_N1=None):
+        """x_ND: rows sorted by expert; offs_E1 (E+1,) int32: each expert's first row, then the end of
+        the kept rows; expert_N: each row's expert. kept_N1 (capacity): False on the dropped rows past
+        offs_E1[-1], whose output must be exactly 0."""
         dt = compute_dtype(x_ND)
         x_ND = x_ND.to(dt)
         w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
         if self.use_grouped(x_ND):  # kernels.py: the same math in two grouped_mm calls, CUDA's rules kept
             act = lambda h: activation_fn(self.activation, h)
-            return grouped_mlp(x_ND, w1_EDF, self.b1_EF, w2_EHD, self.b2_ED, counts_E, expert_N, kept_N1, act)
+            return grouped_mlp(x_ND, w1_EDF, self.b1_EF, w2_EHD, self.b2_ED, offs_E1, expert_N, kept_N1, act)
         b1_EF, b2_ED = (b.to(dt) if b is not None else None for b in (self.b1_EF, self.b2_ED))
-        return self.forward_loop(x_ND, counts_E.tolist(), w1_EDF, b1_EF, w2_EHD, b2_ED)
+        return self.forward_loop(x_ND, offs_E1.diff().tolist(), w1_EDF, b1_EF, w2_EHD, b2_ED)
 
     def forward_loop(self, x_ND, counts, w1_EDF, b1_EF, w2_EHD, b2_ED):
         """The reference: one plain matmul per expert on its contiguous slice. split / unbind, not
@@ -521,12 +527,15 @@ class MoELayer(nn.Module):
         x_TD, T = x_BSD.reshape(-1, D), B * S
         r = self.router(x_TD)                                                 # Routing: (token, expert, gate) rows
         N = r.expert_N.shape[0]
-        counts_E = count_rows(r.expert_N, E)                                  # (E,) rows per expert
         cf = self.router.current_capacity_factor() if self.router.spec.capacity else 0
-        expert_N, kept_counts_E = r.expert_N, counts_E
+        expert_N, counts_E = r.expert_N, None
         if cf > 0:                                                            # over capacity: expert E, sorts last
-            expert_N, kept_counts_E = self.apply_capacity(r, counts_E, cf, B, S)
+            counts_E = count_rows(r.expert_N, E)                              # (E,) demand, before capacity
+            expert_N = self.apply_capacity(r, counts_E, cf, B, S)
         sorted_expert_N, order_N = torch.sort(expert_N, stable=True)          # (N,) row n of the sort <- row order_N[n]
+        offs_E1 = torch.searchsorted(sorted_expert_N, torch.arange(E + 1, device=x_TD.device),
+                                     out_int32=True)                          # (E+1,) each expert's first row; [E]: rows kept
+        counts_E = offs_E1.diff() if counts_E is None else counts_E           # (E,) rows per expert
         kept_N1 = (sorted_expert_N < E).unsqueeze(1) if cf > 0 else None      # (N, 1) False on dropped rows
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
         if r.k:  # fast path, every token has k rows: permutations both ways (no atomic adds in backward)
@@ -536,7 +545,7 @@ class MoELayer(nn.Module):
             x_ND = xc_TD.index_select(0, token_N)                             # (N, D) expert-sorted
         if kept_N1 is not None:
             x_ND = torch.where(kept_N1, x_ND, 0)
-        y_ND = self.experts(x_ND, kept_counts_E, sorted_expert_N, kept_N1)    # (N, D)
+        y_ND = self.experts(x_ND, offs_E1, sorted_expert_N, kept_N1)          # (N, D)
         if kept_N1 is not None:
             y_ND = torch.where(kept_N1, y_ND, 0)                               # dropped rows add exactly 0
         if r.k:
@@ -552,12 +561,12 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
         out_BSD = self.dropout(out_TD.view(B, S, D))
 
-        counts_E = counts_E.float()  # one copy for the loss terms and the statistics
+        counts_E = counts_E.to(torch.promote_types(r.probs_TE.dtype, torch.float32))  # for losses and logs
         aux = {'losses': {name: LOSSES[name](self, r, counts_E, S) for name in self.losses}}
         if self.balance_scope == 'pooled':  # MoEGPT pools counts and P over the layers (HF's loss)
             aux['balance'] = (self.balance_counts(counts_E), r.probs_TE.mean(dim=0))
         with torch.no_grad():  # statistics: demand per expert, dropped fraction, router entropy
-            drop = r.dropped if r.dropped is not None else 1.0 - kept_counts_E.sum() / N if cf > 0 else x_TD.new_zeros(())
+            drop = r.dropped if r.dropped is not None else 1.0 - offs_E1[E] / N if cf > 0 else x_TD.new_zeros(())
             aux.update(expert_counts=counts_E, drop_frac=drop.float(),
                        router_entropy=torch.special.entr(r.probs_TE).sum(-1).mean().float())
         if return_intermediate:
@@ -573,7 +582,7 @@ class MoELayer(nn.Module):
         ceil(cf * rows / slots) rows in priority order: 'position' (all of position s before s+1: causal)
         or 'choice' (GShard: every first choice of the micro-batch before any second, so a *later* token
         can drop an earlier token's second choice). Returns each row's expert (E if dropped, so it sorts
-        past every expert and computes zero) and the kept rows per expert."""
+        past every expert and computes zero)."""
         E, T, N = self.n_experts, B * S, r.expert_N.shape[0]
         token_N = r.tokens() if not r.k or self.capacity_scope == 'sequence' else None
         if r.k:  # k rows per token, token-major: the priority order is a transpose
@@ -592,10 +601,7 @@ class MoELayer(nn.Module):
         bucket_P = bucket_N.index_select(0, order_P)
         kept_P = self.rank_in_bucket(bucket_P, counts_K) < capacity
         kept_N = torch.empty_like(kept_P).scatter_(0, order_P, kept_P)
-        kept_counts_E = counts_K.clamp(max=capacity)
-        if self.capacity_scope == 'sequence':
-            kept_counts_E = kept_counts_E.view(B, E).sum(0)
-        return torch.where(kept_N, r.expert_N, E), kept_counts_E
+        return torch.where(kept_N, r.expert_N, E)
 
     @staticmethod
     def rank_in_bucket(bucket_N, counts):

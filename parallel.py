@@ -2,7 +2,7 @@
 Beyond one GPU: expert parallelism (EP) and FSDP2 for MoEGPT, on torch.distributed only.
 
 Expert parallelism needs no change to model.py. MoELayer.forward routes and sorts its N token->expert
-rows by expert and hands them to `self.experts(x_ND, counts_E, expert_N, kept_N1)`; here that
+rows by expert and hands them to `self.experts(x_ND, offs_E1, expert_N, kept_N1)`; here that
 module is swapped for ExpertParallelExperts, a GroupedExperts holding only this rank's contiguous
 shard of experts (EP rank r of N holds experts [r*E/N, (r+1)*E/N)). Its forward
   1. exchanges the per-expert row counts with all_to_all_single (so every rank knows how many rows of
@@ -48,6 +48,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.constants import default_pg_timeout
 
 from model import GroupedExperts
@@ -171,11 +172,11 @@ class ExpertParallelExperts(GroupedExperts):
         return (f'experts [{self.expert_offset}, {self.expert_offset + self.w1_EDF.shape[0]}) of '
                 f'{self.n_experts_total}, ep rank {self.ep_rank}/{self.ep_size}')
 
-    def forward(self, x_ND, counts_E, expert_N, kept_N1=None):
+    def forward(self, x_ND, offs_E1, expert_N, kept_N1=None):
         N_ranks, E_local = self.ep_size, self.w1_EDF.shape[0]
         N, D = x_ND.shape  # the rows come in the matmul dtype (MoELayer casts before its gather)
         # 1. rows per (destination rank, local expert) -> (source rank, local expert) on the receiver
-        send_RE = counts_E.view(N_ranks, E_local)
+        send_RE = offs_E1.diff().long().view(N_ranks, E_local)
         recv_RE = _all_to_all(send_RE.reshape(-1), [E_local] * N_ranks, [E_local] * N_ranks,
                               self.ep_group).view(N_ranks, E_local)
         counts = torch.stack([send_RE, recv_RE]).cpu()  # one device->host sync for all split sizes
@@ -188,7 +189,8 @@ class ExpertParallelExperts(GroupedExperts):
             recv_RE.reshape(-1), output_size=x_MD.shape[0])
         order_M = torch.argsort(local_M, stable=True)
         if x_MD.shape[0]:
-            y_sorted_MD = super().forward(x_MD[order_M], recv_RE.sum(0), local_M[order_M])
+            offs_local = F.pad(torch.cumsum(recv_RE.sum(0), 0, dtype=torch.int32), (1, 0))  # (E_local+1,)
+            y_sorted_MD = super().forward(x_MD[order_M], offs_local, local_M[order_M])
         else:  # nothing for my experts: still a graph node, so this rank takes part in the backward all_to_all
             y_sorted_MD = x_MD * 0
         y_MD = torch.empty_like(y_sorted_MD).index_copy(0, order_M, y_sorted_MD)  # back to source order

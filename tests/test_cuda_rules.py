@@ -145,6 +145,11 @@ def test_model_capacity_training_step_finite_under_cuda_rules(cuda_grouped_mm):
     assert not bad, bad
 
 
+def offsets(counts_E):
+    """(E+1,) int32: each expert's first row, then the end, as MoELayer hands them to the experts."""
+    return F.pad(counts_E.cumsum(0), (1, 0)).int()
+
+
 def test_expert_bias_grads_accumulate_like_a_dense_linear_under_bf16():
     """~N/E rows per expert summed into one bias gradient. A dense Linear under bf16 autocast sums its
     rows with fp32 accumulation and rounds to bf16 (0.23% here; one rounding is up to 2^-9 = 0.2%); the
@@ -159,7 +164,7 @@ def test_expert_bias_grads_accumulate_like_a_dense_linear_under_bf16():
     x = torch.randn(N, 16)
     g = (torch.rand(N, 16) + 1.0).to(torch.bfloat16)  # positive: the errors can't cancel
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        y = ex(x, counts, ids)
+        y = ex(x, offsets(counts), ids)
     assert y.dtype == torch.bfloat16
     y.backward(g)
     ref = torch.zeros(2, 16, dtype=torch.float64).index_add_(0, ids, g.double())
@@ -202,7 +207,7 @@ def test_experts_with_no_rows_get_zero_weight_gradients_where_grouped_mm_is_unre
         torch.manual_seed(0)
         ex = GroupedExperts(cfg)
         ex.expert_impl = impl
-        ex(x, counts, ids).backward(g)
+        ex(x, offsets(counts), ids).backward(g)
         grads[impl] = (ex.w1_EDF.grad, ex.w2_EHD.grad)
     for got, ref in zip(grads['grouped'], grads['loop']):
         assert torch.equal(ref[[1, 3]], torch.zeros_like(ref[[1, 3]]))

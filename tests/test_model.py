@@ -94,6 +94,61 @@ def test_router_fp32_under_bf16_autocast():
     assert torch.allclose(logits, x @ layer.router.gate.weight.T, atol=1e-5)
 
 
+def reference_softmax_topk(logits, k):
+    """The plain ops SoftmaxTopK stands for, differentiated by autograd."""
+    probs = F.softmax(logits, dim=-1)
+    ids = logits.topk(k, dim=-1).indices  # those of probs (monotone), but the same pick on bf16 ties
+    gates = probs.gather(1, ids) / probs.gather(1, ids).sum(-1, keepdim=True)
+    return probs, ids, gates, torch.logsumexp(logits, dim=-1)
+
+
+@pytest.mark.parametrize('used', ['all', 'gates', 'probs', 'lse', 'probs+lse'])
+def test_softmax_topk_node_equals_plain_autograd_float64(used):
+    """kernels.SoftmaxTopK (probs, top-k, renormalised gates and lse in one node, its backward
+    hand-written) against the plain ops' autograd in float64 and gradcheck, whichever outputs the
+    loss uses (an unused output's gradient never arrives: the backward must not assume it)."""
+    from kernels import SoftmaxTopK
+    torch.manual_seed(0)
+    logits = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    w = {name: torch.randn(12, *([6] if name == 'probs' else [3] if name == 'gates' else []),
+                           dtype=torch.float64) for name in ('probs', 'gates', 'lse')}
+    names = ['probs', 'gates', 'lse'] if used == 'all' else used.split('+')
+
+    def loss(outs):
+        probs, ids, gates, lse = outs
+        return sum((dict(probs=probs, gates=gates, lse=lse)[n] * w[n]).sum() for n in names)
+
+    ours, ref = SoftmaxTopK.apply(logits, 3), reference_softmax_topk(logits, 3)
+    for a_, r_ in zip(ours, ref):
+        assert torch.allclose(a_, r_, rtol=0, atol=1e-12) if a_.is_floating_point() else torch.equal(a_, r_)
+    g_ours, = torch.autograd.grad(loss(ours), logits)
+    g_ref, = torch.autograd.grad(loss(ref), logits)
+    assert torch.allclose(g_ours, g_ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda lg: loss(SoftmaxTopK.apply(lg, 3)), (logits,))
+
+
+def test_softmax_topk_node_under_bf16_logits():
+    """router_fp32=False under bf16 autocast: bf16 logits. The node's gradient, in the logits' dtype,
+    is as close to the exact (float64) gradient as the plain ops' own under autocast."""
+    from kernels import SoftmaxTopK
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8).to(torch.bfloat16).requires_grad_(True)
+    w_p, w_g = torch.randn(64, 8), torch.randn(64, 2)
+
+    def grad(fn, lg, autocast):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            probs, ids, gates, lse = fn(lg)
+            loss = (probs * w_p).sum() + (gates * w_g).sum() + lse.double().square().mean()
+        return torch.autograd.grad(loss, lg)[0]
+
+    exact = grad(lambda lg: reference_softmax_topk(lg, 2), logits.detach().double().requires_grad_(True), False)
+    ours = grad(lambda lg: SoftmaxTopK.apply(lg, 2), logits, True)
+    plain = grad(lambda lg: reference_softmax_topk(lg, 2), logits, True)
+    assert ours.dtype == torch.bfloat16
+    err_ours, err_plain = ((g.double() - exact).abs().max().item() for g in (ours, plain))
+    assert err_ours <= max(2 * err_plain, 1e-2 * exact.abs().max().item()), (err_ours, err_plain)
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -227,17 +282,18 @@ def test_sort_rows_and_unsort_rows_equal_index_select_autograd(k):
 
 @pytest.mark.parametrize('dropped', [0, 3])
 def test_expert_bias_equals_index_select_autograd(dropped):
-    """ExpertBias (a pointwise add; the bias gradient one segmented sum per expert, no atomic adds)
-    against h + b[expert] through index_select's autograd, float64 and gradcheck; rows past
-    sum(counts) (dropped by capacity) get no gradient into b."""
+    """ExpertBias (a pointwise add in place; the bias gradient one segmented sum per expert, no atomic
+    adds) against h + b[expert] through index_select's autograd, float64 and gradcheck; rows past
+    offs[-1] (dropped by capacity) get no gradient into b."""
     from kernels import ExpertBias
     counts = torch.tensor([2, 0, 4, 1])
+    offs = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).int()  # (E+1,) as MoELayer makes them
     expert = torch.cat([torch.arange(4).repeat_interleave(counts), torch.full((dropped,), 3)])
     kept = counts.sum().item()
     h = torch.randn(kept + dropped, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(kept + dropped, 5, dtype=torch.float64)
-    out = ExpertBias.apply(h, b, expert, counts)
+    out = ExpertBias.apply(h.clone(), b, expert, offs)  # in place: on a grouped_mm output, never a leaf
     assert torch.equal(out, h + b[expert])
     ours = torch.autograd.grad(out, (h, b), g)
     g_kept = torch.cat([g[:kept], torch.zeros(dropped, 5, dtype=torch.float64)])
@@ -245,7 +301,7 @@ def test_expert_bias_equals_index_select_autograd(dropped):
     for a_, r_ in zip(ours, ref):
         assert torch.allclose(a_, r_, rtol=0, atol=1e-12)
     if not dropped:
-        assert torch.autograd.gradcheck(lambda hh, bb: ExpertBias.apply(hh, bb, expert, counts), (h, b))
+        assert torch.autograd.gradcheck(lambda hh, bb: ExpertBias.apply(hh.clone(), bb, expert, offs), (h, b))
 
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch.nn.functional.grouped_mm needs torch >= 2.8')
