@@ -79,6 +79,20 @@ def empty_expert_grads_unreliable(device):
     return device.type == 'cuda' and torch.cuda.get_device_capability(device)[0] >= 10
 
 
+class CastOnce(torch.autograd.Function):
+    """w in the matmul dtype, taken from w_cast, a copy cast before (MoEGPT.experts_cast_once: once per
+    optimizer step, not at every micro-step); backward: the gradient cast to w's dtype, as for w.to()."""
+
+    @staticmethod
+    def forward(ctx, w, w_cast):
+        ctx.w_dtype = w.dtype
+        return w_cast.view_as(w_cast)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.w_dtype), None
+
+
 class ZeroEmptyExpertGrads(torch.autograd.Function):
     """Identity in forward; in backward the gradient of every expert with no rows is set to exactly 0."""
 

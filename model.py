@@ -11,6 +11,7 @@ one function in ROUTERS, a loss term one function in LOSSES plus its <name>_loss
 (docs/hacking.md). Shape suffixes (torchtitan's): B batch, S sequence, T tokens (B*S), D n_embd,
 E n_experts, K top_k, N assignment rows, F expert hidden (2*expert_hidden for swiglu), G groups.
 """
+import contextlib
 import math
 import warnings
 from dataclasses import InitVar, dataclass, fields
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generation
-from kernels import HAS_GROUPED_MM, SoftmaxTopK, SortRows, UnsortRows, chunked_lm_head, grouped_mlp, use_grouped_mm  # noqa: F401
+from kernels import HAS_GROUPED_MM, CastOnce, SoftmaxTopK, SortRows, UnsortRows, chunked_lm_head, grouped_mlp, use_grouped_mm  # noqa: F401
 from layers import CausalSelfAttention, make_norm, rope_cos_sin
 
 # ----------------------------------------------------------------------------- config
@@ -464,6 +465,7 @@ class GroupedExperts(nn.Module):
         self.activation = config.activation
         self.expert_impl = config.expert_impl
         self.aligned = D % 8 == 0 and H % 8 == 0  # bf16 grouped_mm: row strides in multiples of 16 bytes
+        self.cast_cache = None  # (w1, w2) in the matmul dtype while MoEGPT.experts_cast_once holds them
 
     def use_grouped(self, x):
         return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
@@ -474,7 +476,11 @@ class GroupedExperts(nn.Module):
         offs_E1[-1], whose output must be exactly 0."""
         dt = compute_dtype(x_ND)
         x_ND = x_ND.to(dt)
-        w1_EDF, w2_EHD = self.w1_EDF.to(dt), self.w2_EHD.to(dt)
+        ws = (self.w1_EDF, self.w2_EHD)
+        if self.cast_cache is not None and self.cast_cache[0].dtype == dt:  # cast once for all micro-steps
+            w1_EDF, w2_EHD = (CastOnce.apply(w, w_cast) for w, w_cast in zip(ws, self.cast_cache))
+        else:
+            w1_EDF, w2_EHD = (w.to(dt) for w in ws)
         if self.use_grouped(x_ND):  # kernels.py: the same math in two grouped_mm calls, CUDA's rules kept
             act = lambda h: activation_fn(self.activation, h)
             return grouped_mlp(x_ND, w1_EDF, self.b1_EF, w2_EHD, self.b2_ED, offs_E1, expert_N, kept_N1, act)
@@ -719,6 +725,20 @@ class MoEGPT(nn.Module):
             if moe.router.spec.expert_bias:
                 counts_E = counts_E.to(moe.router.expert_bias.device, torch.float32)
                 moe.router.expert_bias += self.config.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+
+    @contextlib.contextmanager
+    def experts_cast_once(self, dtype=None):
+        """Inside: the experts' weights cast to dtype once, here, not at every forward (each micro-step
+        of gradient accumulation). train.py puts an optimizer step's micro-steps inside: the weights
+        change only after them. Gradients still reach the fp32 weights. dtype None: no cache."""
+        experts = [moe.experts for moe in self.moe_layers()] if dtype is not None else []
+        for ex in experts:
+            ex.cast_cache = tuple(w.detach().to(dtype) for w in (ex.w1_EDF, ex.w2_EHD))
+        try:
+            yield
+        finally:
+            for ex in experts:
+                ex.cast_cache = None
 
     @property
     def uses_expert_bias(self):

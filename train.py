@@ -388,25 +388,27 @@ while True:
     if sync_debug and iter_num >= start_iter + 2: sync_debug_mode(device_type, True)
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     step_loss = torch.zeros((), device=device)  # this process's loss, for the finiteness check
-    for micro_step in range(ga_local):
-        parallel.sync_gradients(model, micro_step == ga_local - 1)  # reduce only on the last micro-step
-        mark_step()
-        with ctx:
-            _, loss, stats = model(X, Y, return_logits=False)  # ce + each loss term x its coef; LM head chunked
-            loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
-            if iter_num in nan_iters:  # test hook (debug_nan_at_iters): a NaN loss, and so NaN gradients
-                loss = loss * float('nan')
-        step_loss += loss.detach()
-        metrics.add(acc, stats)
-        if aux_free:
-            step_counts += stats['expert_counts']
-        # fetch the next micro-batch (or the next iteration's first) while this one computes
-        if micro_step + 1 < ga_local:
-            X, Y = get_batch('train', rows[micro_step + 1])
-        else:
-            rows = next_iter_starts()
-            X, Y = get_batch('train', rows[0])
-        scaler.scale(loss).backward()
+    # the experts' weights in bf16 once for all micro-steps, not once each (FSDP2 casts its own when it gathers)
+    with raw_model.experts_cast_once(ptdtype if ga_local > 1 and dtype != 'float32' and not fsdp else None):
+        for micro_step in range(ga_local):
+            parallel.sync_gradients(model, micro_step == ga_local - 1)  # reduce only on the last micro-step
+            mark_step()
+            with ctx:
+                _, loss, stats = model(X, Y, return_logits=False)  # ce + each loss term x its coef; LM head chunked
+                loss = loss / ga_local  # the accumulated gradient is the mean over micro-steps
+                if iter_num in nan_iters:  # test hook (debug_nan_at_iters): a NaN loss, and so NaN gradients
+                    loss = loss * float('nan')
+            step_loss += loss.detach()
+            metrics.add(acc, stats)
+            if aux_free:
+                step_counts += stats['expert_counts']
+            # fetch the next micro-batch (or the next iteration's first) while this one computes
+            if micro_step + 1 < ga_local:
+                X, Y = get_batch('train', rows[micro_step + 1])
+            else:
+                rows = next_iter_starts()
+                X, Y = get_batch('train', rows[0])
+            scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # (a no-op unless float16) the true gradients, to clip and check
     # EP's expert shards reduced, the norm, the clip factor: fused AdamW applies it (grad_scale), else done here
     grad_norm, clip = parallel.finish_gradients(model, grad_clip, sharded, fold=optimizer.defaults.get('fused'))

@@ -69,6 +69,8 @@ def probe(out_json, inject, argv):
                 record('aten._local_scalar_dense', ins)
             if state['strict']:
                 state['zones'][-1]['ops'].add(str(func.overloadpacket))
+                if func is aten._to_copy.default and ins[0].dim() == 3 and ins[0].dtype == torch.float32 != out.dtype:
+                    state['zones'][-1]['casts_3d'].append(list(ins[0].shape))  # the experts' weights among them
             if (func in (aten.lift_fresh.default, aten.lift_fresh_copy.default) or kwargs.get('generator') is not None
                     or (ins and all(map(is_host, ins)))):
                 host_ids.update((id(t), t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
@@ -98,7 +100,7 @@ def probe(out_json, inject, argv):
     def mode(device_type, strict):  # train.py's sync_debug zones: one per step, from the 3rd on
         state['strict'] = strict
         if strict:
-            state['zones'].append({'syncs': [], 'ops': set()})
+            state['zones'].append({'syncs': [], 'ops': set(), 'casts_3d': []})
     guard.sync_debug_mode = mode
     if inject != 'clean':  # the bugs this test exists for: the old guard's float(t), .tolist(), torch.tensor(device=)
         step, read = guard.Guard.step, INJECT[inject]
@@ -106,7 +108,7 @@ def probe(out_json, inject, argv):
     sys.argv = ['train.py', *argv]
     with Count():
         runpy.run_path(str(REPO / 'train.py'), run_name='__main__')
-    zones = [{'syncs': z['syncs'], 'ops': sorted(z['ops'])} for z in state['zones']]
+    zones = [{**z, 'ops': sorted(z['ops'])} for z in state['zones']]
     rank = os.environ.get('RANK', '0')
     Path(f'{out_json}.{rank}').write_text(json.dumps({'zones': zones, 'outside': state['outside']}))
 
@@ -139,6 +141,8 @@ CASES = {  # name: (extra args, processes)
     'ddp_gloo': (['--gradient_accumulation_steps=4'], 2),  # 2 micro-steps a rank: no_sync, then the reduce
     # DeepSeek-V3's expert_bias update after each step, under bf16 autocast (the GPU's dtype)
     'aux_free_bf16': (['--router=sigmoid', '--dtype=bfloat16'], 0),
+    # bf16 with 3 micro-steps: the experts' weights are cast once a step (MoEGPT.experts_cast_once)
+    'grad_accumulation_bf16': (['--gradient_accumulation_steps=3', '--dtype=bfloat16'], 0),
 }
 
 
@@ -158,6 +162,9 @@ def test_no_host_read_on_a_step(case, shakespeare_char_dir, tmp_path):
         assert counts['outside'] > 0
         if case == 'aux_free_bf16':  # update_expert_bias (bias += rate * sign(...)) ran in every step
             assert all('aten.sign' in z['ops'] for z in zones)
+        if case == 'grad_accumulation_bf16':  # w1 (E, D, F) and w2 (E, F, D) of both MoE layers, once a step
+            w_shapes = [[4, 32, 128], [4, 128, 32]]
+            assert all(sorted(c for c in z['casts_3d'] if c in w_shapes) == sorted(w_shapes * 2) for z in zones), zones
     if case == 'single':
         assert 'iter 5: non-finite loss nan' in r.stdout  # read late, still printed with its iter
 

@@ -567,6 +567,44 @@ def test_bf16_autocast_cpu_trains(impl):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize('impl', ['grouped', 'loop'])
+def test_experts_cast_once_is_a_cast_per_micro_step_done_once(impl):
+    """MoEGPT.experts_cast_once (train.py: around an optimizer step's micro-steps): three bf16 micro-steps
+    give bitwise the losses and accumulated fp32 gradients of a cast at every forward, with one cast of
+    each expert weight in all instead of one per micro-step (counted at the dispatcher)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(0)
+    model = MoEGPT(tiny_config(bias=False, n_experts=4, top_k=2, expert_impl=impl))
+    weights = {w.data_ptr() for moe in model.moe_layers() for w in (moe.experts.w1_EDF, moe.experts.w2_EHD)}
+    idx = torch.randint(0, 37, (3, 2, 8))
+
+    class CountCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                CountCasts.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(cast_dtype):
+        model.zero_grad(set_to_none=True)
+        CountCasts.n, losses = 0, []
+        with CountCasts(), model.experts_cast_once(cast_dtype):
+            for x in idx:
+                with torch.autocast('cpu', dtype=torch.bfloat16):
+                    _, loss, _ = model(x, x, return_logits=False)
+                (loss / 3).backward()
+                losses.append(loss.detach())
+        return CountCasts.n, losses, [p.grad.clone() for p in model.parameters()]
+
+    n_each, losses_each, grads_each = step(None)
+    n_once, losses_once, grads_once = step(torch.bfloat16)
+    assert (n_each, n_once) == (3 * len(weights), len(weights))
+    assert all(torch.equal(a, b) for a, b in zip(losses_each, losses_once))
+    assert all(torch.equal(a, b) for a, b in zip(grads_each, grads_once))
+    assert all(moe.experts.cast_cache is None for moe in model.moe_layers())  # nothing kept after
+
+
 def test_generate_and_a_few_training_steps_reduce_loss():
     torch.manual_seed(0)
     model = MoEGPT(tiny_config(n_experts=4, top_k=2))
