@@ -134,10 +134,10 @@ class ExpertBias(torch.autograd.Function):
 def grouped_mlp(x_ND, w1_EDF, b1_EF, w2_EHD, b2_ED, offs_E1, expert_N, kept_N1, act):
     """Every expert's MLP on its contiguous rows of x_ND in two grouped_mm calls: act(x w1 + b1) w2 + b2;
     offs_E1 (E+1,) int32: each expert's first row, then the end of the kept rows (offs_E1[1:] are
-    grouped_mm's offs); expert_N: each sorted row's expert (E on dropped rows). CUDA's grouped_mm allocates its output
-    uninitialised and writes only the rows up to offs[-1], in forward and in the input gradient of
-    backward: those rows hold garbage (NaN, Inf), and 0 * NaN is NaN. So with dropped rows (kept_N1)
-    every grouped_mm output is masked at once, and the activation's output too (its backward input is
+    grouped_mm's offs); expert_N: each sorted row's expert (E on dropped rows). CUDA's grouped_mm
+    allocates its output uninitialised and writes only the rows up to offs[-1], in forward and in the
+    input gradient of backward: those rows hold garbage (NaN, Inf), and 0 * NaN is NaN. So with dropped
+    rows (kept_N1) every grouped_mm output is masked at once, and the activation's output too (its backward input is
     the next grouped_mm's input gradient); the caller masks the output."""
     offs_E = offs_E1[1:]
     mm_fn = F.grouped_mm if x_ND.dtype == torch.bfloat16 else grouped_mm_eager

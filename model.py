@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generation
-from kernels import HAS_GROUPED_MM, CastOnce, SoftmaxTopK, SortRows, UnsortRows, chunked_lm_head, grouped_mlp, use_grouped_mm  # noqa: F401
+from kernels import (HAS_GROUPED_MM, CastOnce, SoftmaxTopK, SortRows, UnsortRows, chunked_lm_head,  # noqa: F401
+                     grouped_mlp, use_grouped_mm)
 from layers import CausalSelfAttention, make_norm, rope_cos_sin
 
 # ----------------------------------------------------------------------------- config
@@ -283,10 +284,9 @@ class Router(nn.Module):
         """Each token's top_k experts by select (default: probs; group-limited if n_group > 1), gated
         by scores (default: probs), renormalised (norm_topk_prob) and scaled (routed_scaling_factor).
         probs_TE=None: the softmax of the logits."""
-        lse_T = None
-        if probs_TE is None and scores_TE is None and select_TE is None and self.config.n_group == 1 and self.norm_topk_prob:
-            # Mixtral's form: the renormalised top-k probabilities are the softmax of the top-k logits.
-            # kernels.py: that, probs and the z-loss's lse as one autograd node (5 fewer ops backward)
+        lse_T, plain = None, probs_TE is None and scores_TE is None and select_TE is None and self.config.n_group == 1
+        if plain and self.norm_topk_prob:  # Mixtral's form: renormalised top-k probabilities = softmax of the
+            # top-k logits. kernels.py: that, probs and the z-loss's lse as one autograd node (a shorter backward)
             probs_TE, ids_TK, gates_TK, lse_T = SoftmaxTopK.apply(logits_TE, self.top_k)
         else:
             probs_TE = F.softmax(logits_TE, dim=-1) if probs_TE is None else probs_TE
@@ -539,8 +539,8 @@ class MoELayer(nn.Module):
             counts_E = count_rows(r.expert_N, E)                              # (E,) demand, before capacity
             expert_N = self.apply_capacity(r, counts_E, cf, B, S)
         sorted_expert_N, order_N = torch.sort(expert_N, stable=True)          # (N,) row n of the sort <- row order_N[n]
-        offs_E1 = torch.searchsorted(sorted_expert_N, torch.arange(E + 1, device=x_TD.device),
-                                     out_int32=True)                          # (E+1,) each expert's first row; [E]: rows kept
+        experts_E1 = torch.arange(E + 1, device=x_TD.device)
+        offs_E1 = torch.searchsorted(sorted_expert_N, experts_E1, out_int32=True)  # (E+1,) each expert's first row; [E]: rows kept
         counts_E = offs_E1.diff() if counts_E is None else counts_E           # (E,) rows per expert
         kept_N1 = (sorted_expert_N < E).unsqueeze(1) if cf > 0 else None      # (N, 1) False on dropped rows
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)

@@ -305,3 +305,29 @@ def test_inductor_compiles_the_gpu_graph(capacity_factor):
     got = fwd_bwd(torch.compile(layer))
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+@pytest.mark.slow  # the long job: an inductor compile of a whole model, twice
+def test_inductor_compiled_model_casts_experts_once_like_each_micro_step():
+    """MoEGPT.experts_cast_once under torch.compile (inductor, bf16 autocast, grouped_mm): two
+    micro-steps give bitwise the losses and gradients of the compiled model casting at each one."""
+    torch.manual_seed(0)
+    model = MoEGPT(MoEGPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=37, n_experts=4,
+                                top_k=2, expert_impl='grouped', dropout=0.0, bias=True))
+    idx = torch.randint(0, 37, (2, 2, 16))
+    compiled = torch.compile(model)
+    torch._dynamo.reset()
+
+    def step(cast_dtype):
+        model.zero_grad(set_to_none=True)
+        losses = []
+        with model.experts_cast_once(cast_dtype):
+            for x in idx:
+                with torch.autocast('cpu', dtype=torch.bfloat16):
+                    _, loss, _ = compiled(x, x, return_logits=False)
+                (loss / 2).backward()
+                losses.append(loss.detach())
+        return losses + [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(step(None), step(torch.bfloat16)):
+        assert torch.equal(a, b)
