@@ -578,7 +578,7 @@ FULL_LOGITS = [False]  # --full-logits: the training step returns the whole logi
 def train_step(step_model, opt, xb, yb, device, dtype):
     ctx = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
            else torch.autocast(device.type, enabled=False))
-    with ctx:
+    with ctx, step_model.train_step(statistics=False):  # as train.py's steps that do not log
         _, loss, _ = step_model(xb, yb, return_logits=FULL_LOGITS[0])  # train.py's: the chunked LM head + CE
     loss.backward()
     opt.step()

@@ -28,14 +28,17 @@ class MoEMetrics:
         self.acc_dtype = torch.float32 if torch.device(device).type == 'mps' else torch.float64  # exact counts
 
     def new_acc(self):
-        """Sums of per-micro-step stats, kept on device (no sync until they are logged)."""
-        return {'n': 0}
+        """Sums of per-micro-step stats, kept on device (no sync until they are logged); n micro-steps, of
+        which n_stats brought the drops and the entropy (train.py: the steps that log)."""
+        return {'n': 0, 'n_stats': 0}
 
     def add(self, acc, stats):
         """stats: the model's. Whatever loss terms arrive are summed under their own names."""
         acc['n'] += 1
+        has_stats = 'router_entropy' in stats
+        acc['n_stats'] += has_stats
         for name, v in {'ce': stats['ce'], 'loss': stats['loss'], 'counts': stats['expert_counts'],
-                        'drop': stats['drop_frac'], 'entropy': stats['router_entropy'],
+                        **({'drop': stats['drop_frac'], 'entropy': stats['router_entropy']} if has_stats else {}),
                         **{('losses', k): t for k, t in stats['losses'].items()}}.items():
             if name in acc:
                 acc[name] += v  # in place, promoted to acc_dtype: one kernel a statistic
@@ -46,16 +49,17 @@ class MoEMetrics:
         """Means over micro-steps and processes (counts: sums), as plain Python numbers: ce, loss, each
         loss term under its name in 'losses', and the per-layer 'layers'. One all_reduce under DDP (a
         collective: every rank calls it), over the sums packed by their own shapes."""
-        names = [k for k in acc if k != 'n']
-        flat = torch.cat([torch.tensor([float(acc['n'])], dtype=self.acc_dtype, device=self.device)]
-                         + [acc[k].reshape(-1) for k in names])
+        names = [k for k in acc if k not in ('n', 'n_stats')]
+        flat = torch.cat([torch.tensor([float(acc['n']), float(acc['n_stats'])], dtype=self.acc_dtype,
+                                       device=self.device)] + [acc[k].reshape(-1) for k in names])
         if self.ddp:
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        n, *parts = flat.cpu().double().split([1] + [acc[k].numel() for k in names])  # (MPS has no float64)
-        n = max(n.item(), 1.0)
+        n, n_stats, *parts = flat.cpu().double().split([1, 1] + [acc[k].numel() for k in names])  # (MPS: no float64)
+        n, n_stats = max(n.item(), 1.0), max(n_stats.item(), 1.0)
         sums = {k: v.view(acc[k].shape) for k, v in zip(names, parts)}
-        layers = self.layer_stats(sums.pop('counts').view(self.n_moe, self.E), sums.pop('drop') / n,
-                                  sums.pop('entropy') / n)
+        none = torch.full((self.n_moe,), float('nan'), dtype=torch.float64)  # no step brought them
+        layers = self.layer_stats(sums.pop('counts').view(self.n_moe, self.E), sums.pop('drop', none) / n_stats,
+                                  sums.pop('entropy', none) / n_stats)
         return {'ce': sums['ce'].item() / n, 'loss': sums['loss'].item() / n, 'layers': layers,
                 'losses': {k[1]: v.item() / n for k, v in sums.items() if isinstance(k, tuple)}}
 

@@ -465,7 +465,7 @@ class GroupedExperts(nn.Module):
         self.activation = config.activation
         self.expert_impl = config.expert_impl
         self.aligned = D % 8 == 0 and H % 8 == 0  # bf16 grouped_mm: row strides in multiples of 16 bytes
-        self.cast_cache = None  # (w1, w2) in the matmul dtype while MoEGPT.experts_cast_once holds them
+        self.cast_cache = None  # (w1, w2) in the matmul dtype while MoEGPT.train_step holds them
 
     def use_grouped(self, x):
         return use_grouped_mm(self.expert_impl, x.device.type, x.dtype, self.aligned)
@@ -527,6 +527,7 @@ class MoELayer(nn.Module):
         self.losses = [n for n in LOSSES if n not in self.router.spec.skip_losses]  # each has a coef (config)
         self.dropout = nn.Dropout(config.dropout if config.moe_dropout is None else config.moe_dropout)
         self.active_experts = self.router.spec.experts_per_token(config)  # routed experts per token: FLOPs
+        self.statistics = True  # dropped fraction and router entropy in the aux dict (MoEGPT.train_step)
 
     def forward(self, x_BSD, return_intermediate=False):
         (B, S, D), E = x_BSD.shape, self.n_experts
@@ -540,7 +541,7 @@ class MoELayer(nn.Module):
             expert_N = self.apply_capacity(r, counts_E, cf, B, S)
         sorted_expert_N, order_N = torch.sort(expert_N, stable=True)          # (N,) row n of the sort <- row order_N[n]
         experts_E1 = torch.arange(E + 1, device=x_TD.device)
-        offs_E1 = torch.searchsorted(sorted_expert_N, experts_E1, out_int32=True)  # (E+1,) each expert's first row; [E]: rows kept
+        offs_E1 = torch.searchsorted(sorted_expert_N, experts_E1, out_int32=True)  # (E+1,) first row of each; [E]: kept
         counts_E = offs_E1.diff() if counts_E is None else counts_E           # (E,) rows per expert
         kept_N1 = (sorted_expert_N < E).unsqueeze(1) if cf > 0 else None      # (N, 1) False on dropped rows
         xc_TD = x_TD.to(compute_dtype(x_TD))  # rows travel in the matmul dtype (half the bytes in bf16)
@@ -571,10 +572,12 @@ class MoELayer(nn.Module):
         aux = {'losses': {name: LOSSES[name](self, r, counts_E, S) for name in self.losses}}
         if self.balance_scope == 'pooled':  # MoEGPT pools counts and P over the layers (HF's loss)
             aux['balance'] = (self.balance_counts(counts_E), r.probs_TE.mean(dim=0))
-        with torch.no_grad():  # statistics: demand per expert, dropped fraction, router entropy
-            drop = r.dropped if r.dropped is not None else 1.0 - offs_E1[E] / N if cf > 0 else x_TD.new_zeros(())
-            aux.update(expert_counts=counts_E, drop_frac=drop.float(),
-                       router_entropy=torch.special.entr(r.probs_TE).sum(-1).mean().float())
+        aux['expert_counts'] = counts_E  # demand per expert (made for the loss terms anyway)
+        if self.statistics:  # dropped fraction and router entropy (train.py: on the steps that log)
+            with torch.no_grad():
+                drop = r.dropped if r.dropped is not None else 1.0 - offs_E1[E] / N if cf > 0 else x_TD.new_zeros(())
+                aux.update(drop_frac=drop.float(),
+                           router_entropy=torch.special.entr(r.probs_TE).sum(-1).mean().float())
         if return_intermediate:
             aux['routing'] = {'router_logits': r.logits_TE.view(B, S, E), 'router_probs': r.probs_TE.view(B, S, E),
                               'token_N': r.tokens(), 'expert_N': r.expert_N, 'gate_N': r.gate_N}
@@ -727,18 +730,21 @@ class MoEGPT(nn.Module):
                 moe.router.expert_bias += self.config.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
 
     @contextlib.contextmanager
-    def experts_cast_once(self, dtype=None):
-        """Inside: the experts' weights cast to dtype once, here, not at every forward (each micro-step
-        of gradient accumulation). train.py puts an optimizer step's micro-steps inside: the weights
-        change only after them. Gradients still reach the fp32 weights. dtype None: no cache."""
-        experts = [moe.experts for moe in self.moe_layers()] if dtype is not None else []
-        for ex in experts:
-            ex.cast_cache = tuple(w.detach().to(dtype) for w in (ex.w1_EDF, ex.w2_EHD))
+    def train_step(self, cast_dtype=None, statistics=True):
+        """train.py runs an optimizer step's micro-steps inside. cast_dtype: the experts' weights cast to
+        it once, here, not at every forward (the weights change only after the micro-steps; gradients
+        still reach the fp32 weights). statistics=False: the MoE layers leave out their statistics
+        (dropped fraction, router entropy: train.py computes them on the steps that log). Undone on exit."""
+        for moe in self.moe_layers():
+            moe.statistics = statistics
+            if cast_dtype is not None:
+                moe.experts.cast_cache = tuple(w.detach().to(cast_dtype) for w in (moe.experts.w1_EDF,
+                                                                                   moe.experts.w2_EHD))
         try:
             yield
         finally:
-            for ex in experts:
-                ex.cast_cache = None
+            for moe in self.moe_layers():
+                moe.statistics, moe.experts.cast_cache = True, None
 
     @property
     def uses_expert_bias(self):
@@ -750,9 +756,9 @@ class MoEGPT(nn.Module):
         without targets). return_logits=False (training): on CUDA the LM head + CE run in chunks (torch's
         linear_cross_entropy; the (B*S, vocab) logits never exist at once) and logits is None. stats: detached
         tensors for logging, 'ce', 'loss', 'losses' ({name: term}, empty for a dense model), per MoE layer
-        'expert_counts' (L_moe, E), 'drop_frac' (L_moe,), 'router_entropy' (L_moe,), and 'routing' (a dict
-        per MoE layer) with return_intermediate. kv_cache (a KVCache, generation only): idx continues the
-        cached tokens; filled in place."""
+        'expert_counts' (L_moe, E), 'drop_frac' (L_moe,) and 'router_entropy' (L_moe,) (these two not inside
+        train_step(statistics=False)), and 'routing' (a dict per MoE layer) with return_intermediate.
+        kv_cache (a KVCache, generation only): idx continues the cached tokens; filled in place."""
         device, (b, t) = idx.device, idx.size()
         past = len(kv_cache) if kv_cache is not None else 0
         if past + t > self.config.block_size:
@@ -772,8 +778,8 @@ class MoEGPT(nn.Module):
         x = self.transformer.ln_f(x)
 
         stack = lambda key, *shape: torch.stack([a[key] for a in auxes]) if auxes else x.new_zeros(0, *shape)
-        stats = {'expert_counts': stack('expert_counts', self.config.n_experts), 'drop_frac': stack('drop_frac'),
-                 'router_entropy': stack('router_entropy')}
+        stats = {'expert_counts': stack('expert_counts', self.config.n_experts),  # drops and entropy: if computed
+                 **{k: stack(k) for k in ('drop_frac', 'router_entropy') if not auxes or k in auxes[0]}}
         # each loss term: its mean over the MoE layers, or HF's pooled balance loss (balance_scope='pooled')
         losses = {name: torch.stack([a['losses'][name] for a in auxes]).mean() for name in auxes[0]['losses']} if auxes else {}
         if auxes and 'balance' in auxes[0]:

@@ -224,6 +224,7 @@ if device_type == 'cpu':  # glibc would unmap each step's freed activations and 
     hardware.keep_freed_memory()
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+cast_once = ptdtype if ga_local > 1 and dtype != 'float32' and not fsdp else None  # FSDP2 casts when it gathers
 
 
 def get_batch(split, starts):
@@ -388,8 +389,8 @@ while True:
     if sync_debug and iter_num >= start_iter + 2: sync_debug_mode(device_type, True)
     step_counts = torch.zeros(n_moe, E, device=device) if aux_free else None
     step_loss = torch.zeros((), device=device)  # this process's loss, for the finiteness check
-    # the experts' weights in bf16 once for all micro-steps, not once each (FSDP2 casts its own when it gathers)
-    with raw_model.experts_cast_once(ptdtype if ga_local > 1 and dtype != 'float32' and not fsdp else None):
+    # inside: the experts' weights cast once for all micro-steps; drops and router entropy only if this step logs
+    with raw_model.train_step(cast_once, statistics=iter_num % log_interval == 0):
         for micro_step in range(ga_local):
             parallel.sync_gradients(model, micro_step == ga_local - 1)  # reduce only on the last micro-step
             mark_step()

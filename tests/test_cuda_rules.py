@@ -309,7 +309,7 @@ def test_inductor_compiles_the_gpu_graph(capacity_factor):
 
 @pytest.mark.slow  # the long job: an inductor compile of a whole model, twice
 def test_inductor_compiled_model_casts_experts_once_like_each_micro_step():
-    """MoEGPT.experts_cast_once under torch.compile (inductor, bf16 autocast, grouped_mm): two
+    """MoEGPT.train_step(cast_dtype) under torch.compile (inductor, bf16 autocast, grouped_mm): two
     micro-steps give bitwise the losses and gradients of the compiled model casting at each one."""
     torch.manual_seed(0)
     model = MoEGPT(MoEGPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=37, n_experts=4,
@@ -321,7 +321,7 @@ def test_inductor_compiled_model_casts_experts_once_like_each_micro_step():
     def step(cast_dtype):
         model.zero_grad(set_to_none=True)
         losses = []
-        with model.experts_cast_once(cast_dtype):
+        with model.train_step(cast_dtype):
             for x in idx:
                 with torch.autocast('cpu', dtype=torch.bfloat16):
                     _, loss, _ = compiled(x, x, return_logits=False)

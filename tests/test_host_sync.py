@@ -141,7 +141,7 @@ CASES = {  # name: (extra args, processes)
     'ddp_gloo': (['--gradient_accumulation_steps=4'], 2),  # 2 micro-steps a rank: no_sync, then the reduce
     # DeepSeek-V3's expert_bias update after each step, under bf16 autocast (the GPU's dtype)
     'aux_free_bf16': (['--router=sigmoid', '--dtype=bfloat16'], 0),
-    # bf16 with 3 micro-steps: the experts' weights are cast once a step (MoEGPT.experts_cast_once)
+    # bf16 with 3 micro-steps: the experts' weights are cast once a step (MoEGPT.train_step)
     'grad_accumulation_bf16': (['--gradient_accumulation_steps=3', '--dtype=bfloat16'], 0),
 }
 
@@ -159,6 +159,8 @@ def test_no_host_read_on_a_step(case, shakespeare_char_dir, tmp_path):
         for z in zones:  # each zone is a whole step: the model, the backward and the optimizer ran in it
             assert {'aten._grouped_mm', 'aten._fused_adamw_'} <= set(z['ops']) and len(z['ops']) > 30, z['ops']
         assert [s for z in zones for s in z['syncs']] == []
+        # the router entropy and drops only on the steps that log (iters 3 and 6 of 2..8): MoEGPT.train_step
+        assert [('aten.special_entr' in z['ops']) for z in zones] == [it % 3 == 0 for it in range(2, 9)]
         assert counts['outside'] > 0
         if case == 'aux_free_bf16':  # update_expert_bias (bias += rate * sign(...)) ran in every step
             assert all('aten.sign' in z['ops'] for z in zones)

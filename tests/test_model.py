@@ -569,9 +569,9 @@ def test_bf16_autocast_cpu_trains(impl):
 
 @pytest.mark.parametrize('impl', ['grouped', 'loop'])
 def test_experts_cast_once_is_a_cast_per_micro_step_done_once(impl):
-    """MoEGPT.experts_cast_once (train.py: around an optimizer step's micro-steps): three bf16 micro-steps
-    give bitwise the losses and accumulated fp32 gradients of a cast at every forward, with one cast of
-    each expert weight in all instead of one per micro-step (counted at the dispatcher)."""
+    """MoEGPT.train_step(cast_dtype) (train.py: around an optimizer step's micro-steps): three bf16
+    micro-steps give bitwise the losses and accumulated fp32 gradients of a cast at every forward, with
+    one cast of each expert weight in all instead of one per micro-step (counted at the dispatcher)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     torch.manual_seed(0)
     model = MoEGPT(tiny_config(bias=False, n_experts=4, top_k=2, expert_impl=impl))
@@ -589,7 +589,7 @@ def test_experts_cast_once_is_a_cast_per_micro_step_done_once(impl):
     def step(cast_dtype):
         model.zero_grad(set_to_none=True)
         CountCasts.n, losses = 0, []
-        with CountCasts(), model.experts_cast_once(cast_dtype):
+        with CountCasts(), model.train_step(cast_dtype):
             for x in idx:
                 with torch.autocast('cpu', dtype=torch.bfloat16):
                     _, loss, _ = model(x, x, return_logits=False)
@@ -603,6 +603,52 @@ def test_experts_cast_once_is_a_cast_per_micro_step_done_once(impl):
     assert all(torch.equal(a, b) for a, b in zip(losses_each, losses_once))
     assert all(torch.equal(a, b) for a, b in zip(grads_each, grads_once))
     assert all(moe.experts.cast_cache is None for moe in model.moe_layers())  # nothing kept after
+
+
+@pytest.mark.parametrize('capacity_factor', [0.0, 1.0])
+def test_train_step_without_statistics_computes_the_same_and_no_entropy(capacity_factor):
+    """MoEGPT.train_step(statistics=False) (train.py: the steps that do not log): the same loss, gradients
+    and counts bitwise, no dropped fraction or router entropy in stats, and their kernels not run (no
+    entr dispatched); on exit they are back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(0)
+    model = MoEGPT(tiny_config(n_experts=4, top_k=2, capacity_factor=capacity_factor))
+    idx = torch.randint(0, 37, (2, 8))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    def step(statistics):
+        model.zero_grad(set_to_none=True)
+        with model.train_step(statistics=statistics), Ops() as ops:
+            ops.seen = set()
+            _, loss, stats = model(idx, idx)
+            loss.backward()
+        return loss, stats, [p.grad for p in model.parameters()], ops.seen
+
+    loss_on, stats_on, grads_on, ops_on = step(True)
+    loss_off, stats_off, grads_off, ops_off = step(False)
+    assert torch.equal(loss_on, loss_off) and all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
+    assert torch.equal(stats_on['expert_counts'], stats_off['expert_counts'])
+    assert {'drop_frac', 'router_entropy'} <= set(stats_on) and not {'drop_frac', 'router_entropy'} & set(stats_off)
+    assert 'aten.special_entr' in ops_on and 'aten.special_entr' not in ops_off
+    assert 'router_entropy' in model(idx, idx)[2]  # back on after the step
+
+
+def test_metrics_average_entropy_and_drops_over_the_steps_that_brought_them():
+    """Two micro-steps, one with statistics and one without: ce is the mean of both, the entropy and
+    drop those of the one step (not halved), the load the sum of both."""
+    from metrics import MoEMetrics
+    m = MoEMetrics([0], 2, 'cpu')
+    acc = m.new_acc()
+    base = dict(ce=torch.tensor(1.0), loss=torch.tensor(1.0), losses={}, expert_counts=torch.tensor([[3.0, 1.0]]))
+    m.add(acc, {**base, 'drop_frac': torch.tensor([0.25]), 'router_entropy': torch.tensor([0.5])})
+    m.add(acc, {**base, 'ce': torch.tensor(3.0)})
+    s = m.reduce(acc)
+    assert s['ce'] == 2.0 and s['layers'][0]['router_entropy'] == 0.5 and s['layers'][0]['drop_frac'] == 0.25
+    assert s['layers'][0]['routed'] == 8 and s['layers'][0]['frac'] == [0.75, 0.25]
 
 
 def test_generate_and_a_few_training_steps_reduce_loss():
