@@ -80,7 +80,7 @@ def empty_expert_grads_unreliable(device):
 
 
 class CastOnce(torch.autograd.Function):
-    """w in the matmul dtype, taken from w_cast, a copy cast before (MoEGPT.experts_cast_once: once per
+    """w in the matmul dtype, taken from w_cast, a copy cast before (MoEGPT.train_step: once per
     optimizer step, not at every micro-step); backward: the gradient cast to w's dtype, as for w.to()."""
 
     @staticmethod
@@ -120,7 +120,8 @@ class ExpertBias(torch.autograd.Function):
         ctx.save_for_backward(offs_E1)
         ctx.b_dtype = b_EF.dtype
         ctx.mark_dirty(h_NF)  # h is a grouped_mm output: its backward needs the inputs, not h
-        return h_NF.add_(b_EF.index_select(0, expert_N))
+        h_NF.add_(b_EF.index_select(0, expert_N))
+        return h_NF  # the input itself, which dynamo needs to see for mark_dirty (else a graph break)
 
     @staticmethod
     def backward(ctx, grad_NF):

@@ -50,7 +50,8 @@ def test_quick_run_reports_every_section(quick_run):
     assert all(r['peak_mib'] > 0 for r in quick_run['memory'])
     assert 'note' in quick_run['sampling'] or quick_run['sampling']['kv cache']['tokens_per_s'] > 0
     grouped_bf16 = [c for c in quick_run['compile_check'] if c['impl'] == 'grouped' and c['dtype'] == 'bfloat16']
-    assert len(grouped_bf16) == 2  # dropless and capacity, reported either way
+    assert len(grouped_bf16) == 2  # dropless and capacity
+    assert all(c['fullgraph'] for c in grouped_bf16), grouped_bf16  # train.py's GPU path: one graph, no break
 
 
 def test_balanced_routing_is_uniform_and_keeps_math():

@@ -331,3 +331,27 @@ def test_inductor_compiled_model_casts_experts_once_like_each_micro_step():
 
     for a, b in zip(step(None), step(torch.bfloat16)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow  # the long job: inductor compiles of a whole model
+def test_compiled_model_keeps_one_graph_per_statistics_setting():
+    """train.py switches MoEGPT.train_step(statistics=) between its log and other iterations: under
+    torch.compile that is a guard, so each setting compiles once and then the two graphs are reused
+    (docs/performance.md). Counted as dynamo's compiles over an alternating run."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = MoEGPT(MoEGPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=37, n_experts=4,
+                                top_k=2, expert_impl='grouped', dropout=0.0, bias=True))
+    x = torch.randint(0, 37, (2, 16))
+    compiled = torch.compile(model, fullgraph=True)  # (a graph break would also make more graphs)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs, keys = [], []
+    for statistics in (True, False, False, True, False, True):
+        with model.train_step(statistics=statistics), torch.autocast('cpu', dtype=torch.bfloat16):
+            _, loss, stats = compiled(x, x, return_logits=False)
+        loss.backward()
+        graphs.append(counters['stats']['unique_graphs'])
+        keys.append('router_entropy' in stats)
+    assert keys == [True, False, False, True, False, True]
+    assert graphs == [1] + [2] * 5  # one graph per setting, each compiled once
